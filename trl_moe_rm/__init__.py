@@ -1,0 +1,25 @@
+"""trl_moe_rm: sparse Mixture-of-Experts reward models for TRL, with test-time personalization."""
+
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+
+from .config import MoERewardConfig
+from .configuration_moe_reward import MoERewardModelConfig
+from .modeling_moe_reward import MoERewardModel, MoERewardModelOutput
+from .trainer import MoERewardTrainer
+
+
+__version__ = "0.1.0"
+
+AutoConfig.register(MoERewardModelConfig.model_type, MoERewardModelConfig, exist_ok=True)
+AutoModel.register(MoERewardModelConfig, MoERewardModel, exist_ok=True)
+AutoModelForSequenceClassification.register(MoERewardModelConfig, MoERewardModel, exist_ok=True)
+MoERewardModelConfig.register_for_auto_class()
+MoERewardModel.register_for_auto_class("AutoModelForSequenceClassification")
+
+__all__ = [
+    "MoERewardConfig",
+    "MoERewardModel",
+    "MoERewardModelConfig",
+    "MoERewardModelOutput",
+    "MoERewardTrainer",
+]

@@ -1,0 +1,158 @@
+"""Training configuration of [`MoERewardTrainer`]."""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from trl import RewardConfig
+
+from .configuration_moe_reward import EXPERT_TYPES, POOLINGS, ROUTER_INPUTS
+
+
+LOSS_TYPES = ("reward_mixture", "likelihood_mixture", "assignment")
+BALANCE_TYPES = ("switch", "entropy")
+DIVERSITY_TYPES = ("cosine", "correlation")
+
+
+@dataclass
+class MoERewardConfig(RewardConfig):
+    r"""
+    Configuration class for [`MoERewardTrainer`].
+
+    Extends TRL's [`~trl.RewardConfig`] (all of whose arguments keep working) with the Mixture-of-Experts losses and
+    the model arguments used when the trainer's `model` is a backbone checkpoint name.
+
+    Parameters:
+        > Parameters of the MoE model (used when `model` is a string)
+
+        num_experts (`int`, *optional*, defaults to `8`):
+            Number of expert heads `K`.
+        top_k (`int`, *optional*, defaults to `2`):
+            Experts per sample. `top_k == num_experts` is a dense softmax mixture.
+        router_input (`str`, *optional*, defaults to `"prompt"`):
+            `"prompt"` (the router reads the prompt only) or `"sequence"` (prompt + response).
+        router_temperature (`float`, *optional*, defaults to `1.0`):
+            Temperature of the router softmax.
+        router_noise_std (`float`, *optional*, defaults to `0.0`):
+            Std of the noise added to the router logits in training (noisy top-k gating).
+        expert_type (`str`, *optional*, defaults to `"linear"`):
+            `"linear"` or `"mlp"` experts.
+        expert_hidden_size (`int`, *optional*, defaults to `256`):
+            Hidden width of `"mlp"` experts.
+        pooling (`str`, *optional*):
+            `"last"`, `"cls"` or `"mean"`; defaults to `"last"` for decoders and `"mean"` for encoders.
+        freeze_backbone (`bool`, *optional*, defaults to `False`):
+            Train only the router and the experts (the backbone is frozen), as MiCRo, DRMs and LoRe do.
+
+        > Parameters of the preference loss
+
+        loss_type (`str`, *optional*, defaults to `"reward_mixture"`):
+            `"reward_mixture"`: Bradley-Terry on the routed reward. `"likelihood_mixture"`: `-log sum_k g_k
+            sigma(Delta_k)` (the MiCRo form). `"assignment"`: EM-style responsibilities `q_k ∝ p_k sigma(Delta_k)^(1/tau)`;
+            each expert minimises its q-weighted Bradley-Terry loss, the router learns to predict `q`, and a balance
+            term keeps every expert in use. Use it when the prompt does not reveal what a pair is judged on.
+        assignment_temperature (`float`, *optional*, defaults to `0.5`):
+            The temperature `tau` of the responsibilities (below 1 sharpens them).
+        assignment_top_k (`int`, *optional*):
+            Keep only the top-k responsibilities per pair.
+        assignment_balance_coef (`float`, *optional*, defaults to `0.1`):
+            Weight of the balance of the batch-mean responsibilities (`"assignment"` only).
+        router_assignment_coef (`float`, *optional*, defaults to `1.0`):
+            Weight of the router's cross-entropy against the responsibilities (`"assignment"` only).
+
+        > Regularizers
+
+        sparsity_coef (`float`, *optional*, defaults to `0.0`):
+            Weight of the local sparsity loss (mean per-sample routing entropy).
+        balance_coef (`float`, *optional*, defaults to `0.01`):
+            Weight of the global balance loss.
+        balance_type (`str`, *optional*, defaults to `"switch"`):
+            `"switch"` (`K sum_k f_k P_k`) or `"entropy"` (`log K - H(mean routing)`).
+        diversity_coef (`float`, *optional*, defaults to `0.0`):
+            Weight of the expert diversity loss.
+        diversity_type (`str`, *optional*, defaults to `"cosine"`):
+            `"cosine"` (orthogonality of the expert weights) or `"correlation"` (decorrelation of the experts' reward
+            differences in the batch).
+        router_z_loss_coef (`float`, *optional*, defaults to `0.001`):
+            Weight of the router z-loss.
+        router_learning_rate (`float`, *optional*):
+            Separate learning rate for the router. Defaults to `learning_rate`.
+    """
+
+    num_experts: int = field(default=8, metadata={"help": "Number of expert heads K."})
+    top_k: int = field(default=2, metadata={"help": "Experts per sample; num_experts gives a dense mixture."})
+    router_input: str = field(
+        default="prompt", metadata={"help": "What the router reads.", "choices": list(ROUTER_INPUTS)}
+    )
+    router_temperature: float = field(default=1.0, metadata={"help": "Temperature of the router softmax."})
+    router_noise_std: float = field(default=0.0, metadata={"help": "Noisy top-k gating std (training only)."})
+    expert_type: str = field(default="linear", metadata={"help": "Expert head type.", "choices": list(EXPERT_TYPES)})
+    expert_hidden_size: int = field(default=256, metadata={"help": "Hidden width of MLP experts."})
+    pooling: str | None = field(
+        default=None,
+        metadata={
+            "help": "Sequence pooling (default: last for decoders, mean for encoders).",
+            "choices": [*POOLINGS, None],
+        },
+    )
+    freeze_backbone: bool = field(default=False, metadata={"help": "Train only the router and the experts."})
+
+    loss_type: str = field(
+        default="reward_mixture", metadata={"help": "Preference loss.", "choices": list(LOSS_TYPES)}
+    )
+    assignment_temperature: float = field(default=0.5, metadata={"help": "Temperature tau of the responsibilities."})
+    assignment_top_k: int | None = field(default=None, metadata={"help": "Keep the top-k responsibilities."})
+    assignment_balance_coef: float = field(default=0.1, metadata={"help": "Balance of the responsibilities."})
+    router_assignment_coef: float = field(default=1.0, metadata={"help": "Router cross-entropy to the assignment."})
+
+    sparsity_coef: float = field(default=0.0, metadata={"help": "Local sparsity (routing entropy) weight."})
+    balance_coef: float = field(default=0.01, metadata={"help": "Global balance weight."})
+    balance_type: str = field(default="switch", metadata={"help": "Balance loss.", "choices": list(BALANCE_TYPES)})
+    diversity_coef: float = field(default=0.0, metadata={"help": "Expert diversity weight."})
+    diversity_type: str = field(
+        default="cosine", metadata={"help": "Diversity loss.", "choices": list(DIVERSITY_TYPES)}
+    )
+    router_z_loss_coef: float = field(default=1e-3, metadata={"help": "Router z-loss weight."})
+    router_learning_rate: float | None = field(default=None, metadata={"help": "Separate router learning rate."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name, choices in (
+            ("loss_type", LOSS_TYPES),
+            ("balance_type", BALANCE_TYPES),
+            ("diversity_type", DIVERSITY_TYPES),
+            ("router_input", ROUTER_INPUTS),
+            ("expert_type", EXPERT_TYPES),
+        ):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"`{name}` must be one of {list(choices)}, got {getattr(self, name)!r}.")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(
+                f"`top_k` must be between 1 and `num_experts` ({self.num_experts}), got {self.top_k}. Use "
+                f"`top_k={self.num_experts}` for a dense mixture."
+            )
+        if self.assignment_temperature <= 0:
+            raise ValueError(f"`assignment_temperature` must be > 0, got {self.assignment_temperature}.")
+        for name in (
+            "sparsity_coef",
+            "balance_coef",
+            "diversity_coef",
+            "router_z_loss_coef",
+            "assignment_balance_coef",
+            "router_assignment_coef",
+        ):
+            if getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
+
+    @property
+    def moe_model_kwargs(self) -> dict[str, Any]:
+        """The [`MoERewardModelConfig`] arguments carried by this configuration."""
+        return {
+            "num_experts": self.num_experts,
+            "top_k": self.top_k,
+            "router_input": self.router_input,
+            "router_temperature": self.router_temperature,
+            "router_noise_std": self.router_noise_std,
+            "expert_type": self.expert_type,
+            "expert_hidden_size": self.expert_hidden_size,
+            "pooling": self.pooling,
+        }

@@ -1,0 +1,176 @@
+"""Configuration of the sparse Mixture-of-Experts reward model.
+
+This file only imports torch-free parts of transformers and uses no imports from `trl_moe_rm`, so that a saved model
+loads with `trust_remote_code=True` on machines where `trl_moe_rm` is not installed.
+"""
+
+from typing import Any
+
+from transformers import AutoConfig, PretrainedConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+
+ROUTER_INPUTS = ("prompt", "sequence")
+EXPERT_TYPES = ("linear", "mlp")
+POOLINGS = ("last", "cls", "mean")
+PROMPT_ENCODINGS = ("shared", "separate")
+
+
+class MoERewardModelConfig(PretrainedConfig):
+    r"""
+    Configuration of a [`MoERewardModel`]: a backbone language model, a router that reads the prompt, and `num_experts`
+    scalar expert heads. The reward of a (prompt, response) sequence is `sum_k g_k(x) * r_k(x, y)`, where `g(x)` keeps
+    the `top_k` largest router probabilities (renormalised) and zeroes the rest.
+
+    Args:
+        backbone_config (`dict` or [`~transformers.PretrainedConfig`], *optional*):
+            Configuration of the backbone (any `AutoConfig`-loadable model, decoder or encoder). A dict must carry its
+            `model_type`. Defaults to a small Llama configuration.
+        num_experts (`int`, *optional*, defaults to `8`):
+            Number of expert reward heads `K`.
+        top_k (`int`, *optional*, defaults to `2`):
+            Number of experts each sample is routed to. `top_k == num_experts` gives a dense (softmax) mixture.
+        router_input (`str`, *optional*, defaults to `"prompt"`):
+            What the router reads: `"prompt"`, the hidden state at the prompt's last token (needs `prompt_lengths` in
+            `forward`), or `"sequence"`, the pooled representation of the whole prompt + response.
+        router_temperature (`float`, *optional*, defaults to `1.0`):
+            Temperature dividing the router logits before the softmax.
+        router_noise_std (`float`, *optional*, defaults to `0.0`):
+            Standard deviation of the Gaussian noise added to the router logits in training mode only (noisy top-k
+            gating). Has no effect in eval mode.
+        expert_type (`str`, *optional*, defaults to `"linear"`):
+            `"linear"` (one weight vector per expert) or `"mlp"` (a two-layer MLP per expert).
+        expert_hidden_size (`int`, *optional*, defaults to `256`):
+            Hidden width of each expert when `expert_type="mlp"`.
+        pooling (`str`, *optional*):
+            How a sequence is summarised for the experts: `"last"` (last non-pad token, for decoders), `"cls"` (first
+            token) or `"mean"` (masked mean, for encoders). Defaults to `"last"` for decoders and `"mean"` for encoders.
+        prompt_encoding (`str`, *optional*):
+            `"shared"` reads the prompt representation from the same forward pass as the sequence, which is exact for
+            causal decoders. `"separate"` encodes the prompt on its own (attention restricted to the prompt tokens),
+            which bidirectional encoders need so that the routing does not depend on the response. Defaults to
+            `"separate"` for encoder-only backbones and `"shared"` otherwise.
+        initializer_range (`float`, *optional*, defaults to `0.02`):
+            Standard deviation of the normal initialisation of the router and the experts.
+        num_labels (`int`, *optional*, defaults to `1`):
+            Must be 1: the model outputs a single scalar reward.
+    """
+
+    model_type = "moe_reward"
+    sub_configs = {"backbone_config": AutoConfig}
+    keys_to_ignore_at_inference = [
+        "expert_rewards",
+        "router_logits",
+        "routing_weights",
+        "sequence_features",
+        "router_features",
+    ]
+
+    # Declared fields: `top_k` would otherwise be mistaken for a generation parameter by `save_pretrained`.
+    backbone_config: Any = None
+    num_experts: int = 8
+    top_k: int = 2
+    router_input: str = "prompt"
+    router_temperature: float = 1.0
+    router_noise_std: float = 0.0
+    expert_type: str = "linear"
+    expert_hidden_size: int = 256
+    pooling: str | None = None
+    prompt_encoding: str | None = None
+    initializer_range: float = 0.02
+
+    def __init__(
+        self,
+        backbone_config: dict[str, Any] | PretrainedConfig | None = None,
+        num_experts: int = 8,
+        top_k: int = 2,
+        router_input: str = "prompt",
+        router_temperature: float = 1.0,
+        router_noise_std: float = 0.0,
+        expert_type: str = "linear",
+        expert_hidden_size: int = 256,
+        pooling: str | None = None,
+        prompt_encoding: str | None = None,
+        initializer_range: float = 0.02,
+        num_labels: int = 1,
+        **kwargs,
+    ):
+        if backbone_config is None:
+            backbone_config = CONFIG_MAPPING["llama"](
+                hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4
+            )
+        elif isinstance(backbone_config, dict):
+            if "model_type" not in backbone_config:
+                raise ValueError("`backbone_config` given as a dict must contain its `model_type` (e.g. 'llama').")
+            backbone_config = dict(backbone_config)
+            backbone_config = CONFIG_MAPPING[backbone_config.pop("model_type")](**backbone_config)
+        self.backbone_config = backbone_config
+
+        if not isinstance(num_experts, int) or num_experts < 1:
+            raise ValueError(f"`num_experts` must be a positive integer, got {num_experts!r}.")
+        if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+            raise ValueError(
+                f"`top_k` must be an integer between 1 and `num_experts` ({num_experts}), got {top_k!r}. Use "
+                f"`top_k={num_experts}` for a dense mixture."
+            )
+        _check_choice("router_input", router_input, ROUTER_INPUTS)
+        _check_choice("expert_type", expert_type, EXPERT_TYPES)
+        if router_temperature <= 0:
+            raise ValueError(f"`router_temperature` must be > 0, got {router_temperature}.")
+        if router_noise_std < 0:
+            raise ValueError(f"`router_noise_std` must be >= 0, got {router_noise_std}.")
+        if num_labels != 1:
+            raise ValueError(f"`num_labels` must be 1 for a reward model (one scalar per sequence), got {num_labels}.")
+        is_encoder = is_encoder_only(backbone_config)
+        pooling = pooling or ("mean" if is_encoder else "last")
+        prompt_encoding = prompt_encoding or ("separate" if is_encoder else "shared")
+        _check_choice("pooling", pooling, POOLINGS)
+        _check_choice("prompt_encoding", prompt_encoding, PROMPT_ENCODINGS)
+
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.router_input = router_input
+        self.router_temperature = float(router_temperature)
+        self.router_noise_std = float(router_noise_std)
+        self.expert_type = expert_type
+        self.expert_hidden_size = expert_hidden_size
+        self.pooling = pooling
+        self.prompt_encoding = prompt_encoding
+        self.initializer_range = initializer_range
+        kwargs.setdefault("pad_token_id", getattr(backbone_config, "pad_token_id", None))
+        super().__init__(num_labels=1, **kwargs)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.backbone_config.hidden_size
+
+    def get_text_config(self, *args, **kwargs) -> PretrainedConfig:
+        # The pad and eos token ids that TRL mirrors onto the model live on this config, not on the backbone's.
+        return self
+
+
+def is_encoder_only(config: PretrainedConfig) -> bool:
+    """Whether a backbone configuration describes a bidirectional encoder (BERT-style) rather than a causal decoder."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    model_type = getattr(config, "model_type", "")
+    if getattr(config, "is_decoder", False):
+        return False
+    return model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and (
+        model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or model_type in _BIDIRECTIONAL_WITH_LM_HEAD
+    )
+
+
+# Encoders that also ship a (decoder-mode) causal LM head in transformers, but are bidirectional by default.
+_BIDIRECTIONAL_WITH_LM_HEAD = {"bert", "roberta", "xlm-roberta", "camembert", "electra", "ernie", "modernbert"}
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {list(choices)}, got {value!r}.")
+
+
+__all__ = ["MoERewardModelConfig"]

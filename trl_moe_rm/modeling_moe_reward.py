@@ -1,0 +1,376 @@
+"""Sparse Mixture-of-Experts reward model.
+
+A backbone encodes (prompt, response); a router reads the prompt and keeps its `top_k` largest probabilities; `K`
+expert heads each give a scalar reward. The reward is `sum_k g_k(x) * r_k(x, y)`.
+
+This file only uses relative imports, torch and transformers, so that a saved model loads with
+`trust_remote_code=True` where `trl_moe_rm` is not installed.
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+from transformers import AutoModel, PreTrainedModel
+from transformers.modeling_outputs import ModelOutput
+from transformers.utils import logging
+
+from .configuration_moe_reward import MoERewardModelConfig
+
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class MoERewardModelOutput(ModelOutput):
+    r"""
+    Output of [`MoERewardModel`].
+
+    Args:
+        loss (`torch.FloatTensor`, *optional*):
+            Unused by the model itself (the losses live in the trainer); kept for the `Trainer` contract.
+        logits (`torch.FloatTensor` of shape `(batch_size, 1)`):
+            The routed reward `sum_k g_k(x) * r_k(x, y)`.
+        expert_rewards (`torch.FloatTensor` of shape `(batch_size, num_experts)`):
+            The reward `r_k(x, y)` of every expert, routed to or not.
+        router_logits (`torch.FloatTensor` of shape `(batch_size, num_experts)`):
+            The router logits before temperature, noise and top-k.
+        routing_weights (`torch.FloatTensor` of shape `(batch_size, num_experts)`):
+            The sparse mixture weights `g(x)`: exactly `top_k` non-zeros per row, summing to 1.
+        sequence_features (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
+            The pooled representation of (prompt, response) that the experts read.
+        router_features (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
+            The representation that the router reads.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    expert_rewards: torch.FloatTensor | None = None
+    router_logits: torch.FloatTensor | None = None
+    routing_weights: torch.FloatTensor | None = None
+    sequence_features: torch.FloatTensor | None = None
+    router_features: torch.FloatTensor | None = None
+
+
+def top_k_routing(router_logits: torch.Tensor, top_k: int, temperature: float = 1.0) -> torch.Tensor:
+    r"""
+    Sparse routing weights from router logits: the softmax over the `top_k` largest logits, zero elsewhere.
+
+    Computed in float32 whatever the input dtype. Each selected weight is floored at the smallest normal float so
+    that a row always has exactly `top_k` non-zeros, even for extreme logits (e.g. a gap of 1e4).
+
+    Args:
+        router_logits (`torch.Tensor` of shape `(..., num_experts)`):
+            Router logits.
+        top_k (`int`):
+            Number of experts kept per row.
+        temperature (`float`, *optional*, defaults to `1.0`):
+            Divides the logits before the softmax.
+
+    Returns:
+        `torch.Tensor` of the same shape, float32, rows on the simplex with exactly `top_k` non-zeros.
+    """
+    logits = router_logits.float() / temperature
+    top_values, top_indices = logits.topk(top_k, dim=-1)
+    top_weights = torch.softmax(top_values, dim=-1).clamp_min(torch.finfo(torch.float32).tiny)
+    top_weights = top_weights / top_weights.sum(dim=-1, keepdim=True)
+    return torch.zeros_like(logits).scatter(-1, top_indices, top_weights)
+
+
+class MoEExperts(nn.Module):
+    r"""
+    `K` scalar reward heads evaluated together, as batched weights (all experts are computed for every row and the
+    router's mask is applied afterwards, which keeps parameter access independent of the data, as DeepSpeed ZeRO-3
+    prefers).
+
+    Args:
+        hidden_size (`int`):
+            Size of the input features.
+        num_experts (`int`):
+            Number of experts `K`.
+        expert_type (`str`):
+            `"linear"`: `r_k = w_k . h + b_k`. `"mlp"`: `r_k = v_k . gelu(W_k h + c_k) + b_k`.
+        expert_hidden_size (`int`):
+            Hidden width of the MLP experts.
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int, expert_type: str, expert_hidden_size: int):
+        super().__init__()
+        self.expert_type = expert_type
+        if expert_type == "linear":
+            self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+        else:
+            self.fc_weight = nn.Parameter(torch.empty(num_experts, expert_hidden_size, hidden_size))
+            self.fc_bias = nn.Parameter(torch.empty(num_experts, expert_hidden_size))
+            self.weight = nn.Parameter(torch.empty(num_experts, expert_hidden_size))
+        self.bias = nn.Parameter(torch.empty(num_experts))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Rewards of every expert: `(batch_size, hidden_size)` -> `(batch_size, num_experts)`."""
+        features = features.to(self.weight.dtype)
+        if self.expert_type == "linear":
+            return features @ self.weight.T + self.bias
+        hidden = nn.functional.gelu(torch.einsum("nh,keh->nke", features, self.fc_weight) + self.fc_bias)
+        return torch.einsum("nke,ke->nk", hidden, self.weight) + self.bias
+
+    def weight_vectors(self) -> torch.Tensor:
+        """One flattened weight vector per expert, `(num_experts, D)`, for the orthogonality (diversity) loss."""
+        if self.expert_type == "linear":
+            return self.weight
+        return self.fc_weight.flatten(1)
+
+
+class MoERewardPreTrainedModel(PreTrainedModel):
+    config_class = MoERewardModelConfig
+    base_model_prefix = "backbone"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, MoEExperts):
+            for name, param in module.named_parameters(recurse=False):
+                if name.endswith("bias"):
+                    nn.init.zeros_(param)
+                else:
+                    nn.init.normal_(param, mean=0.0, std=std)
+        elif isinstance(module, nn.Linear) and getattr(module, "_is_moe_router", False):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        else:
+            super()._init_weights(module)
+
+
+class MoERewardModel(MoERewardPreTrainedModel):
+    r"""
+    Sparse Mixture-of-Experts reward model: a backbone, a router and `num_experts` scalar expert heads.
+
+    `forward(input_ids, attention_mask, prompt_lengths=None)` returns a [`MoERewardModelOutput`] whose `logits` (N, 1)
+    are the routed reward, so the model is a drop-in sequence-classification reward model for TRL.
+
+    Args:
+        config ([`MoERewardModelConfig`]):
+            Model configuration.
+        backbone ([`~transformers.PreTrainedModel`], *optional*):
+            An already built (e.g. pretrained) backbone. When omitted, one is created from `config.backbone_config`
+            with random weights. Prefer [`MoERewardModel.from_backbone`] to wrap a pretrained checkpoint.
+    """
+
+    _keys_to_ignore_on_load_unexpected = [r"^backbone\.pooler\."]
+
+    def __init__(self, config: MoERewardModelConfig, backbone: PreTrainedModel | None = None):
+        super().__init__(config)
+        self.backbone = backbone if backbone is not None else AutoModel.from_config(config.backbone_config)
+        self.router = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.router._is_moe_router = True
+        self.experts = MoEExperts(
+            config.hidden_size, config.num_experts, config.expert_type, config.expert_hidden_size
+        )
+        self._warned_prompt_fallback = False
+        self.post_init()
+
+    @classmethod
+    def from_backbone(
+        cls,
+        backbone: "str | PreTrainedModel",
+        *,
+        model_init_kwargs: dict[str, Any] | None = None,
+        **moe_kwargs,
+    ) -> "MoERewardModel":
+        r"""
+        Build a MoE reward model around a pretrained backbone (decoder such as Llama/Qwen, or encoder such as BERT).
+
+        The backbone keeps its pretrained weights; the router and the experts are freshly initialised. A model with a
+        head (e.g. `*ForCausalLM`) is reduced to its base model.
+
+        Args:
+            backbone (`str` or [`~transformers.PreTrainedModel`]):
+                A Hub id or local path loadable with `AutoModel.from_pretrained`, or a model instance.
+            model_init_kwargs (`dict`, *optional*):
+                Keyword arguments for `AutoModel.from_pretrained` (e.g. `dtype`, `revision`, `attn_implementation`).
+            **moe_kwargs:
+                [`MoERewardModelConfig`] fields such as `num_experts`, `top_k` or `router_input`.
+
+        Example:
+
+        ```python
+        >>> model = MoERewardModel.from_backbone("Qwen/Qwen2.5-0.5B", num_experts=8, top_k=2)
+        ```
+        """
+        if isinstance(backbone, str):
+            name_or_path = backbone
+            backbone = AutoModel.from_pretrained(backbone, **(model_init_kwargs or {}))
+        elif isinstance(backbone, PreTrainedModel):
+            name_or_path = backbone.config.name_or_path
+            if isinstance(backbone, MoERewardModel):
+                raise TypeError("`backbone` is already a MoERewardModel; pass it to the trainer directly.")
+            if backbone.base_model is not backbone:
+                backbone = backbone.base_model
+        else:
+            raise TypeError(
+                f"`backbone` must be a model id, a local path or a PreTrainedModel, got {type(backbone).__name__}."
+            )
+        config = MoERewardModelConfig(backbone_config=backbone.config, **moe_kwargs)
+        config.name_or_path = name_or_path
+        model = cls(config, backbone=backbone)
+        return model.to(next(backbone.parameters()).dtype)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.backbone.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.backbone.set_input_embeddings(value)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        prompt_lengths: torch.LongTensor | None = None,
+        paired: bool = False,
+        inputs_embeds: torch.FloatTensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MoERewardModelOutput:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, seq_len)`):
+                Token ids of prompt + response, left or right padded.
+            attention_mask (`torch.Tensor` of shape `(batch_size, seq_len)`, *optional*):
+                1 for real tokens, 0 for padding.
+            prompt_lengths (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+                Number of prompt tokens at the start of each (unpadded) sequence. Required for
+                `router_input="prompt"`; without it the router falls back to the whole sequence (with a warning).
+            paired (`bool`, *optional*, defaults to `False`):
+                Whether row `i` and row `i + batch_size // 2` are the chosen and rejected responses of one prompt (the
+                layout of TRL's preference collator). The routing is then computed once per pair, so both rows share
+                it exactly (including the router noise in training).
+            **kwargs:
+                Passed to the backbone (e.g. `position_ids`). `labels` and `use_cache` are accepted and ignored.
+        """
+        kwargs.pop("labels", None)
+        kwargs.pop("use_cache", None)
+        if getattr(self.config.backbone_config, "use_cache", None) is not None:
+            kwargs["use_cache"] = False
+        if input_ids is None and inputs_embeds is None:
+            raise ValueError("MoERewardModel.forward needs `input_ids` (or `inputs_embeds`).")
+        reference = input_ids if input_ids is not None else inputs_embeds[..., 0]
+        if attention_mask is None:
+            attention_mask = torch.ones_like(reference, dtype=torch.long)
+        if paired and reference.shape[0] % 2:
+            raise ValueError(
+                f"`paired=True` needs an even batch (chosen rows then rejected rows), got {reference.shape[0]}."
+            )
+
+        hidden = self.backbone(
+            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs
+        ).last_hidden_state
+        sequence_features = pool_hidden_states(hidden, attention_mask, self.config.pooling)
+
+        router_rows = slice(0, reference.shape[0] // 2) if paired else slice(None)
+        if self.config.router_input == "prompt" and prompt_lengths is None:
+            if not self._warned_prompt_fallback:
+                logger.warning(
+                    "MoERewardModel has `router_input='prompt'` but `forward` got no `prompt_lengths`: the router reads "
+                    "the whole sequence instead. Pass `prompt_lengths` (MoERewardTrainer does) to route on the prompt."
+                )
+                self._warned_prompt_fallback = True
+        if self.config.router_input == "sequence" or prompt_lengths is None:
+            router_features = sequence_features[router_rows]
+        else:
+            router_features = self._prompt_features(
+                hidden[router_rows],
+                input_ids[router_rows] if input_ids is not None else None,
+                inputs_embeds[router_rows] if inputs_embeds is not None else None,
+                attention_mask[router_rows],
+                prompt_lengths[router_rows],
+                kwargs,
+            )
+
+        router_logits = self.router(router_features.to(self.router.weight.dtype))
+        noisy_logits = router_logits
+        if self.training and self.config.router_noise_std > 0:
+            noisy_logits = router_logits + torch.randn_like(router_logits) * self.config.router_noise_std
+        routing_weights = top_k_routing(noisy_logits, self.config.top_k, self.config.router_temperature)
+        if paired:
+            router_logits = router_logits.repeat(2, 1)
+            routing_weights = routing_weights.repeat(2, 1)
+            router_features = router_features.repeat(2, 1)
+
+        expert_rewards = self.experts(sequence_features)
+        logits = (routing_weights.to(expert_rewards.dtype) * expert_rewards).sum(dim=-1, keepdim=True)
+        return MoERewardModelOutput(
+            logits=logits,
+            expert_rewards=expert_rewards,
+            router_logits=router_logits,
+            routing_weights=routing_weights,
+            sequence_features=sequence_features,
+            router_features=router_features,
+        )
+
+    def _prompt_features(
+        self,
+        hidden: torch.Tensor,
+        input_ids: torch.LongTensor | None,
+        inputs_embeds: torch.Tensor | None,
+        attention_mask: torch.Tensor,
+        prompt_lengths: torch.LongTensor,
+        backbone_kwargs: dict[str, Any],
+    ) -> torch.Tensor:
+        """Representation of the prompt alone, whatever the padding side."""
+        prompt_lengths = prompt_lengths.to(attention_mask.device).long().clamp_min(1)
+        start = first_token_index(attention_mask)
+        if self.config.prompt_encoding == "shared":
+            # Causal backbone: the hidden state at the prompt's last token does not depend on the response.
+            last = (start + prompt_lengths - 1).clamp_max(attention_mask.shape[1] - 1)
+            return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        # Bidirectional backbone: encode the prompt tokens on their own, truncated to the longest prompt.
+        positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+        prompt_mask = attention_mask.bool() & (positions[None] < (start + prompt_lengths)[:, None])
+        width = int((start + prompt_lengths).max().clamp_max(attention_mask.shape[1]))
+        prompt_mask = prompt_mask[:, :width].to(attention_mask.dtype)
+        prompt_hidden = self.backbone(
+            input_ids=input_ids[:, :width] if input_ids is not None else None,
+            inputs_embeds=inputs_embeds[:, :width] if inputs_embeds is not None else None,
+            attention_mask=prompt_mask,
+            **backbone_kwargs,
+        ).last_hidden_state
+        return pool_hidden_states(prompt_hidden, prompt_mask, self.config.pooling)
+
+
+def first_token_index(attention_mask: torch.Tensor) -> torch.LongTensor:
+    """Index of the first non-pad token of each row (0 for right padding)."""
+    return attention_mask.long().argmax(dim=-1)
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.LongTensor:
+    """Index of the last non-pad token of each row, for left or right padding."""
+    width = attention_mask.shape[-1]
+    return width - 1 - attention_mask.long().flip(-1).argmax(dim=-1)
+
+
+def pool_hidden_states(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    r"""
+    Summarise each sequence of hidden states into one vector.
+
+    Args:
+        hidden (`torch.Tensor` of shape `(batch_size, seq_len, hidden_size)`):
+            Last hidden states.
+        attention_mask (`torch.Tensor` of shape `(batch_size, seq_len)`):
+            1 for real tokens, 0 for padding.
+        pooling (`str`):
+            `"last"` (last non-pad token), `"cls"` (first non-pad token) or `"mean"` (masked mean).
+    """
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    if pooling == "last":
+        return hidden[rows, last_token_index(attention_mask)]
+    if pooling == "cls":
+        return hidden[rows, first_token_index(attention_mask)]
+    mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
+
+
+__all__ = ["MoERewardModel", "MoERewardModelOutput", "MoERewardPreTrainedModel", "top_k_routing"]

@@ -1,0 +1,447 @@
+"""[`MoERewardTrainer`]: TRL's `RewardTrainer` for sparse Mixture-of-Experts reward models."""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+from accelerate.utils import is_peft_model
+from datasets import Dataset, IterableDataset
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback, set_seed
+from transformers.utils import logging
+from trl import RewardTrainer
+from trl.data_utils import is_conversational, maybe_apply_chat_template
+from trl.trainer.reward_trainer import DataCollatorForPreference
+
+from . import losses
+from .config import MoERewardConfig
+from .modeling_moe_reward import MoERewardModel
+
+
+logger = logging.get_logger(__name__)
+
+PREFERENCE_COLUMNS = ("chosen", "rejected")
+TOKENIZED_COLUMNS = ("chosen_ids", "rejected_ids")
+
+
+@dataclass
+class DataCollatorForMoEPreference(DataCollatorForPreference):
+    """
+    TRL's preference collator, extended with what the MoE router needs.
+
+    On top of `input_ids`, `attention_mask` and the optional `margin` (chosen rows first, then rejected rows), it
+    returns `prompt_lengths` (one per row, the same for both rows of a pair), `paired=True`, and `user_ids` (a list)
+    when the examples carry a `user_id`.
+    """
+
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        output = super().torch_call(examples)
+        output["paired"] = True
+        if "prompt_length" in examples[0]:
+            prompt_lengths = torch.tensor([example["prompt_length"] for example in examples], dtype=torch.long)
+            output["prompt_lengths"] = prompt_lengths.repeat(2)
+        if "user_id" in examples[0]:
+            output["user_ids"] = [example["user_id"] for example in examples]
+        return output
+
+
+def _common_prefix_length(ids: list[int], other_ids: list[int]) -> int:
+    length = 0
+    for token, other in zip(ids, other_ids):
+        if token != other:
+            break
+        length += 1
+    return length
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The MoE model under a PEFT wrapper, if any."""
+    return model.get_base_model() if is_peft_model(model) else model
+
+
+class MoERewardTrainer(RewardTrainer):
+    r"""
+    Trainer for sparse Mixture-of-Experts reward models, built on TRL's [`~trl.RewardTrainer`].
+
+    It trains a [`MoERewardModel`] on ordinary binary preference data with a Bradley-Terry (or mixture / assignment)
+    loss plus the three regularizers of the paper: local sparsity, global balance and expert diversity. Everything
+    `RewardTrainer` accepts keeps working: implicit and explicit prompts, conversational data, `margin`,
+    `center_rewards_coefficient`, eval datasets, PEFT and `save_model`.
+
+    Example:
+
+    ```python
+    >>> from datasets import load_dataset
+    >>> from trl_moe_rm import MoERewardConfig, MoERewardTrainer
+
+    >>> dataset = load_dataset("trl-lib/ultrafeedback_binarized", split="train")
+    >>> trainer = MoERewardTrainer(
+    ...     model="Qwen/Qwen2.5-0.5B-Instruct",
+    ...     args=MoERewardConfig(output_dir="qwen-moe-rm", num_experts=8, top_k=2),
+    ...     train_dataset=dataset,
+    ... )
+    >>> trainer.train()
+    ```
+
+    Args:
+        model (`str` or [`MoERewardModel`] or [`~peft.PeftModel`]):
+            A backbone checkpoint (Hub id or local path; the model is built with [`MoERewardModel.from_backbone`]
+            using the MoE fields of `args` and `args.model_init_kwargs`), or a [`MoERewardModel`] instance.
+        args ([`MoERewardConfig`], *optional*):
+            Training configuration. Defaults to `MoERewardConfig("<model>-MoE-Reward")`.
+        data_collator (`DataCollator`, *optional*):
+            Defaults to [`DataCollatorForMoEPreference`].
+        train_dataset ([`~datasets.Dataset`] or [`~datasets.IterableDataset`]):
+            Preference data: `chosen`/`rejected` (implicit prompt) or `prompt`/`chosen`/`rejected` (explicit prompt),
+            standard or conversational, optionally with `margin` and `user_id` columns. Explicit prompts are
+            tokenized on their own so that the router sees exactly the prompt.
+        eval_dataset ([`~datasets.Dataset`] or `dict[str, Dataset]`, *optional*):
+            Evaluation data, in the same format.
+        processing_class ([`~transformers.PreTrainedTokenizerBase`], *optional*):
+            Tokenizer. Loaded from the model's name when omitted.
+        compute_metrics, callbacks, optimizers, optimizer_cls_and_kwargs, preprocess_logits_for_metrics:
+            As in [`~trl.RewardTrainer`].
+        peft_config ([`~peft.PeftConfig`], *optional*):
+            PEFT configuration (e.g. LoRA on the backbone). The router and experts are added to `modules_to_save` so
+            that they stay fully trainable.
+    """
+
+    _tag_names = ["trl", "reward-trainer", "moe-reward", "mixture-of-experts"]
+    _name = "MoE Reward"
+
+    def __init__(
+        self,
+        model: "str | MoERewardModel | PreTrainedModel",
+        args: MoERewardConfig | None = None,
+        data_collator: Callable | None = None,
+        train_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset: Dataset | IterableDataset | dict[str, Dataset | IterableDataset] | None = None,
+        processing_class: PreTrainedTokenizerBase | None = None,
+        compute_metrics: Callable | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LambdaLR | None] = (None, None),
+        optimizer_cls_and_kwargs: tuple[type[torch.optim.Optimizer], dict[str, Any]] | None = None,
+        preprocess_logits_for_metrics: Callable | None = None,
+        peft_config: "Any | None" = None,
+    ):
+        if args is None:
+            name = model if isinstance(model, str) else model.config.name_or_path or "model"
+            args = MoERewardConfig(f"{name.rstrip('/').split('/')[-1]}-MoE-Reward")
+        elif not isinstance(args, MoERewardConfig):
+            raise TypeError(
+                f"`args` must be a MoERewardConfig, got {type(args).__name__}. Build one with "
+                "`MoERewardConfig(output_dir=..., **your_reward_config_kwargs)`."
+            )
+
+        if isinstance(model, str):
+            set_seed(args.seed)
+            model_init_kwargs = dict(args.model_init_kwargs or {})
+            model_init_kwargs.setdefault("dtype", torch.float32)
+            model_init_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+            if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
+                model_init_kwargs["device_map"] = None
+            model = MoERewardModel.from_backbone(model, model_init_kwargs=model_init_kwargs, **args.moe_model_kwargs)
+        if not isinstance(_unwrap(model), MoERewardModel):
+            raise TypeError(
+                f"MoERewardTrainer trains a MoERewardModel, got {type(_unwrap(model)).__name__}. Pass a backbone name "
+                "(e.g. `model='Qwen/Qwen2.5-0.5B'`) or wrap your backbone with `MoERewardModel.from_backbone(...)`. "
+                "For a plain single-head reward model use trl.RewardTrainer."
+            )
+        self._moe_config = _unwrap(model).config
+        if args.freeze_backbone:
+            _unwrap(model).backbone.requires_grad_(False)
+        if peft_config is not None:
+            modules_to_save = list(getattr(peft_config, "modules_to_save", None) or [])
+            peft_config.modules_to_save = modules_to_save + [
+                m for m in ("router", "experts") if m not in modules_to_save
+            ]
+
+        if processing_class is None:
+            processing_class = AutoTokenizer.from_pretrained(_unwrap(model).config.name_or_path)
+        if processing_class.pad_token is None:
+            if processing_class.eos_token is None:
+                raise ValueError(
+                    "The tokenizer has neither a pad token nor an eos token. Set `tokenizer.pad_token` before creating "
+                    "the trainer."
+                )
+            processing_class.pad_token = processing_class.eos_token
+        if data_collator is None:
+            data_collator = DataCollatorForMoEPreference(
+                pad_token_id=processing_class.pad_token_id, pad_to_multiple_of=args.pad_to_multiple_of
+            )
+
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+            peft_config=peft_config,
+        )
+
+    # ------------------------------------------------------------------ data
+    def _prepare_dataset(
+        self,
+        dataset: Dataset | IterableDataset,
+        processing_class: PreTrainedTokenizerBase,
+        args: MoERewardConfig,
+        dataset_name: str,
+    ) -> Dataset | IterableDataset:
+        columns = list(next(iter(dataset)).keys()) if isinstance(dataset, IterableDataset) else dataset.column_names
+        if "user_id" in columns and isinstance(dataset, Dataset):
+            _check_user_ids(dataset)
+        if all(column in columns for column in TOKENIZED_COLUMNS):
+            if "prompt_length" in columns:
+                return self._filter_max_length(dataset, args, dataset_name)
+            dataset = dataset.map(_prompt_length_from_common_prefix, **self._map_kwargs(dataset, args, dataset_name))
+            return self._filter_max_length(dataset, args, dataset_name)
+        missing = [column for column in PREFERENCE_COLUMNS if column not in columns]
+        if missing:
+            raise ValueError(
+                f"The {dataset_name} dataset has no {' or '.join(repr(c) for c in missing)} column (it has "
+                f"{columns}). MoERewardTrainer needs preference data: `chosen` and `rejected`, with an optional "
+                "`prompt`. Rename your columns, e.g. `dataset.rename_column('response_a', 'chosen')`."
+            )
+        if "prompt" not in columns and self._moe_config.router_input == "prompt":
+            logger.warning(
+                f"The {dataset_name} dataset has no `prompt` column (implicit prompt) but the router reads the prompt: "
+                "it will read the longest common token prefix of `chosen` and `rejected` instead. Add a `prompt` "
+                "column (e.g. with `trl.extract_prompt`) for exact prompt routing, or set `router_input='sequence'`."
+            )
+        dataset = dataset.map(
+            _tokenize_preference,
+            fn_kwargs={"processing_class": processing_class},
+            remove_columns=[c for c in ("chosen", "rejected", "prompt") if c in columns],
+            **self._map_kwargs(dataset, args, dataset_name),
+        )
+        return self._filter_max_length(dataset, args, dataset_name)
+
+    @staticmethod
+    def _map_kwargs(dataset: Dataset | IterableDataset, args: MoERewardConfig, dataset_name: str) -> dict[str, Any]:
+        if isinstance(dataset, IterableDataset):  # `IterableDataset.map` supports neither `num_proc` nor `desc`
+            return {}
+        return {"num_proc": args.dataset_num_proc, "desc": f"Tokenizing {dataset_name} dataset"}
+
+    def _filter_max_length(
+        self, dataset: Dataset | IterableDataset, args: MoERewardConfig, dataset_name: str
+    ) -> Dataset | IterableDataset:
+        if args.max_length is None:
+            return dataset
+        kwargs = self._map_kwargs(dataset, args, dataset_name)
+        if "desc" in kwargs:
+            kwargs["desc"] = f"Filtering {dataset_name} >{args.max_length} tokens"
+        return dataset.filter(
+            lambda example: max(len(example["chosen_ids"]), len(example["rejected_ids"])) <= args.max_length,
+            **kwargs,
+        )
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            self._signature_columns = ["chosen_ids", "rejected_ids", "margin", "prompt_length", "user_id"]
+
+    # ------------------------------------------------------------------ loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        args: MoERewardConfig = self.args
+        inputs = dict(inputs)
+        margin = inputs.pop("margin", None)
+        inputs.pop("user_ids", None)
+        outputs = model(**inputs)
+
+        num_pairs = outputs.logits.shape[0] // 2
+        rewards_chosen, rewards_rejected = outputs.logits.squeeze(-1).chunk(2)
+        expert_chosen, expert_rejected = outputs.expert_rewards.chunk(2)
+        expert_deltas = expert_chosen - expert_rejected
+        router_logits = outputs.router_logits[:num_pairs]
+        routing_weights = outputs.routing_weights[:num_pairs]
+        temperature = self._moe_config.router_temperature
+        router_probs = torch.softmax(router_logits.float() / temperature, dim=-1)
+
+        terms: dict[str, torch.Tensor] = {}
+        if args.loss_type == "reward_mixture":
+            terms["preference_loss"] = losses.bradley_terry_loss(rewards_chosen, rewards_rejected, margin)
+        elif args.loss_type == "likelihood_mixture":
+            terms["preference_loss"] = losses.likelihood_mixture_loss(routing_weights, expert_deltas, margin)
+        else:
+            shifted = expert_deltas if margin is None else expert_deltas - margin[:, None]
+            responsibilities = losses.assignment_responsibilities(
+                router_probs, shifted, args.assignment_temperature, args.assignment_top_k
+            )
+            terms["preference_loss"] = losses.assignment_expert_loss(responsibilities, shifted)
+            terms["assignment_balance_loss"] = args.assignment_balance_coef * losses.entropy_balance_loss(
+                responsibilities
+            )
+            terms["router_assignment_loss"] = args.router_assignment_coef * losses.router_assignment_loss(
+                router_logits, responsibilities, temperature
+            )
+        if args.sparsity_coef:
+            terms["sparsity_loss"] = args.sparsity_coef * losses.local_sparsity_loss(router_probs)
+        if args.balance_coef:
+            if args.balance_type == "switch":
+                balance = losses.switch_balance_loss(router_probs, routing_weights)
+            else:
+                balance = losses.entropy_balance_loss(router_probs)
+            terms["balance_loss"] = args.balance_coef * balance
+        if args.diversity_coef:
+            if args.diversity_type == "cosine":
+                diversity = losses.cosine_diversity_loss(_unwrap(model).experts.weight_vectors())
+            else:
+                diversity = losses.correlation_diversity_loss(expert_deltas)
+            terms["diversity_loss"] = args.diversity_coef * diversity
+        if args.router_z_loss_coef:
+            terms["router_z_loss"] = args.router_z_loss_coef * losses.router_z_loss(router_logits)
+        if args.center_rewards_coefficient is not None:
+            terms["center_loss"] = args.center_rewards_coefficient * torch.mean(
+                (rewards_chosen.float() + rewards_rejected.float()) ** 2
+            )
+        loss = sum(terms.values())
+
+        if mode == "train":
+            num_tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+            self._total_train_tokens += num_tokens // self._tp_size
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        with torch.no_grad():
+            self._log_metrics(
+                mode,
+                terms,
+                outputs,
+                rewards_chosen,
+                rewards_rejected,
+                expert_deltas,
+                router_probs,
+                routing_weights,
+                inputs["attention_mask"],
+            )
+        return (loss, outputs) if return_outputs else loss
+
+    def _log_metrics(
+        self,
+        mode: str,
+        terms: dict[str, torch.Tensor],
+        outputs,
+        rewards_chosen: torch.Tensor,
+        rewards_rejected: torch.Tensor,
+        expert_deltas: torch.Tensor,
+        router_probs: torch.Tensor,
+        routing_weights: torch.Tensor,
+        attention_mask: torch.Tensor,
+    ) -> None:
+        metrics = self._metrics[mode]
+        all_rewards = self.accelerator.gather(outputs.logits.detach().float())
+        metrics["min_reward"].append(all_rewards.min().item())
+        metrics["mean_reward"].append(all_rewards.mean().item())
+        metrics["max_reward"].append(all_rewards.max().item())
+
+        # Per-process statistics, gathered across ranks as one vector so that the per-expert load sums to 1.
+        num_experts = routing_weights.shape[-1]
+        tokens = attention_mask.float().sum(dim=-1).reshape(2, -1).sum(dim=0)  # tokens of each pair
+        dispatched = (routing_weights > 0).float()
+        local = torch.cat(
+            [
+                torch.stack(
+                    [
+                        (rewards_chosen > rewards_rejected).float().mean(),
+                        (rewards_chosen - rewards_rejected).float().mean(),
+                    ]
+                ),
+                torch.stack([term.detach().float() for term in terms.values()]),
+                routing_weights.float().mean(dim=0),  # load
+                (tokens[:, None] * dispatched).sum(dim=0) / (tokens.sum() * dispatched.sum(dim=1).mean()),
+                (expert_deltas > 0).float().mean(dim=0),  # per-expert pairwise accuracy
+                -(router_probs * router_probs.clamp_min(1e-12).log()).sum(dim=-1).mean()[None],
+            ]
+        )
+        gathered = self.accelerator.gather(local[None]).mean(dim=0).tolist()
+        metrics["accuracy"].append(gathered[0])
+        metrics["margin"].append(gathered[1])
+        position = 2
+        for name in terms:
+            metrics[f"moe/{name}"].append(gathered[position])
+            position += 1
+        for kind in ("load", "token_fraction", "accuracy"):
+            for expert in range(num_experts):
+                metrics[f"moe/{kind}/expert_{expert}"].append(gathered[position])
+                position += 1
+        metrics["moe/routing_entropy"].append(gathered[position])
+
+    # ------------------------------------------------------------------ optimizer
+    def create_optimizer(self, model=None):
+        """Use `router_learning_rate` for the router parameters when it is set."""
+        if self.optimizer is not None or self.args.router_learning_rate is None:
+            return super().create_optimizer(model) if model is not None else super().create_optimizer()
+        model = model or self.model
+        router_params = [p for n, p in model.named_parameters() if p.requires_grad and ".router." in f".{n}"]
+        other_params = [p for n, p in model.named_parameters() if p.requires_grad and ".router." not in f".{n}"]
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+        self.optimizer = optimizer_cls(
+            [
+                {"params": other_params, "weight_decay": self.args.weight_decay},
+                {"params": router_params, "lr": self.args.router_learning_rate, "weight_decay": 0.0},
+            ],
+            **optimizer_kwargs,
+        )
+        return self.optimizer
+
+
+def _check_user_ids(dataset: Dataset) -> None:
+    feature = dataset.features["user_id"]
+    dtype = getattr(feature, "dtype", None)
+    if dtype not in ("string", "large_string") and not (isinstance(dtype, str) and dtype.startswith(("int", "uint"))):
+        raise ValueError(
+            f"The `user_id` column has type {feature}; user ids must all be strings or all be integers. Convert "
+            "them, e.g. `dataset.cast_column('user_id', datasets.Value('string'))`."
+        )
+    if any(user_id is None for user_id in dataset["user_id"]):
+        raise ValueError("The `user_id` column contains missing values (None). Every row needs a user id.")
+
+
+def _prompt_length_from_common_prefix(example: dict[str, Any]) -> dict[str, int]:
+    return {"prompt_length": _common_prefix_length(example["chosen_ids"], example["rejected_ids"])}
+
+
+def _tokenize_preference(example: dict[str, Any], processing_class: PreTrainedTokenizerBase) -> dict[str, Any]:
+    """Tokenize prompt and responses separately, so that both rows of a pair start with the same prompt tokens."""
+    for column in ("chosen", "rejected"):
+        text = example[column]
+        content = text if isinstance(text, str) else " ".join(str(m.get("content", "")) for m in text)
+        if not content.strip():
+            raise ValueError(
+                f"Found an empty `{column}` response (prompt: {str(example.get('prompt', ''))[:80]!r}). Remove empty "
+                "responses from the dataset, e.g. `dataset.filter(lambda x: x['chosen'].strip() and "
+                "x['rejected'].strip())`."
+            )
+    conversational = is_conversational(example)
+    example = maybe_apply_chat_template(example, processing_class)
+    end = [] if conversational else _end_of_sequence_ids(processing_class)
+
+    def encode(text: str, special: bool) -> list[int]:
+        return processing_class(text, add_special_tokens=special)["input_ids"]
+
+    def with_end(ids: list[int]) -> list[int]:
+        return ids + end if end and ids[-len(end) :] != end else ids
+
+    if "prompt" in example:
+        prompt_ids = encode(example["prompt"], special=not conversational)
+        chosen_ids = with_end(prompt_ids + encode(example["chosen"], special=False))
+        rejected_ids = with_end(prompt_ids + encode(example["rejected"], special=False))
+        prompt_length = len(prompt_ids)
+    else:
+        chosen_ids = with_end(encode(example["chosen"], special=not conversational))
+        rejected_ids = with_end(encode(example["rejected"], special=not conversational))
+        prompt_length = _common_prefix_length(chosen_ids, rejected_ids)
+    return {"chosen_ids": chosen_ids, "rejected_ids": rejected_ids, "prompt_length": prompt_length}
+
+
+def _end_of_sequence_ids(processing_class: PreTrainedTokenizerBase) -> list[int]:
+    """The token closing a response: eos for decoders, sep for BERT-style encoders."""
+    for token_id in (processing_class.eos_token_id, processing_class.sep_token_id):
+        if token_id is not None:
+            return [token_id]
+    return []
