@@ -101,3 +101,31 @@ def flipped_dataset(num_pairs_per_category: int = 64, seed: int = 0) -> Dataset:
             )
     rng.shuffle(rows)
     return Dataset.from_list(rows)
+
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }} {{ message['content'] }} [EOS] {% endfor %}"
+    "{% if add_generation_prompt %}assistant {% endif %}"
+)
+
+
+def tiny_args(output_dir, **overrides):
+    """A fast CPU training configuration for the tests."""
+    from trl_moe_rm import MoERewardConfig
+
+    defaults = {
+        "per_device_train_batch_size": 8,
+        "per_device_eval_batch_size": 8,
+        "num_train_epochs": 2,
+        "learning_rate": 1e-3,
+        "report_to": "none",
+        "bf16": False,
+        "logging_steps": 1,
+        "gradient_checkpointing": False,
+        "save_strategy": "no",
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+    }
+    defaults.update(overrides)
+    return MoERewardConfig(output_dir=str(output_dir), **defaults)

@@ -7,6 +7,7 @@ This file only uses relative imports, torch and transformers, so that a saved mo
 `trust_remote_code=True` where `trl_moe_rm` is not installed.
 """
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -176,7 +177,7 @@ class MoERewardModel(MoERewardPreTrainedModel):
     @classmethod
     def from_backbone(
         cls,
-        backbone: "str | PreTrainedModel",
+        backbone: "str | os.PathLike | PreTrainedModel",
         *,
         model_init_kwargs: dict[str, Any] | None = None,
         **moe_kwargs,
@@ -201,8 +202,8 @@ class MoERewardModel(MoERewardPreTrainedModel):
         >>> model = MoERewardModel.from_backbone("Qwen/Qwen2.5-0.5B", num_experts=8, top_k=2)
         ```
         """
-        if isinstance(backbone, str):
-            name_or_path = backbone
+        if isinstance(backbone, (str, os.PathLike)):
+            name_or_path = str(backbone)
             backbone = AutoModel.from_pretrained(backbone, **(model_init_kwargs or {}))
         elif isinstance(backbone, PreTrainedModel):
             name_or_path = backbone.config.name_or_path
