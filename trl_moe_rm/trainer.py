@@ -142,6 +142,11 @@ class MoERewardTrainer(RewardTrainer):
             if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
                 model_init_kwargs["device_map"] = None
             model = MoERewardModel.from_backbone(model, model_init_kwargs=model_init_kwargs, **args.moe_model_kwargs)
+        if getattr(_unwrap(model).config, "num_labels", 1) != 1:
+            raise ValueError(
+                f"The model has `num_labels={_unwrap(model).config.num_labels}`, but a reward model outputs one scalar: "
+                "use `num_labels=1` (MoERewardModel always does)."
+            )
         if not isinstance(_unwrap(model), MoERewardModel):
             raise TypeError(
                 f"MoERewardTrainer trains a MoERewardModel, got {type(_unwrap(model)).__name__}. Pass a backbone name "
@@ -370,6 +375,17 @@ class MoERewardTrainer(RewardTrainer):
                 metrics[f"moe/{kind}/expert_{expert}"].append(gathered[position])
                 position += 1
         metrics["moe/routing_entropy"].append(gathered[position])
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """As `RewardTrainer.log`, but evaluation metrics take the prefix of their dataset (`eval_<name>_...`)."""
+        mode = "train" if self.model.training else "eval"
+        metrics = {key: sum(values) / len(values) for key, values in self._metrics[mode].items() if values}
+        if mode == "eval":
+            prefix = next((key[: -len("_loss")] for key in logs if key.startswith("eval") and key.endswith("_loss")), "eval")
+            metrics = {f"{prefix}_{key}": value for key, value in metrics.items()}
+        logs.update(metrics)
+        super(RewardTrainer, self).log(logs, start_time)
+        self._metrics[mode].clear()
 
     # ------------------------------------------------------------------ optimizer
     def create_optimizer(self, model=None):
