@@ -42,6 +42,12 @@ class MoERewardConfig(RewardConfig):
             `"last"`, `"cls"` or `"mean"`; defaults to `"last"` for decoders and `"mean"` for encoders.
         freeze_backbone (`bool`, *optional*, defaults to `False`):
             Train only the router and the experts (the backbone is frozen), as MiCRo, DRMs and LoRe do.
+        cache_features (`bool`, *optional*, defaults to `False`):
+            With `freeze_backbone=True`: encode every (prompt, response) and prompt once, batched under
+            `inference_mode`, and train the router and experts on the cached features. Logging, evaluation and saving
+            are unchanged, and the saved model is an ordinary `MoERewardModel`.
+        feature_cache_dir (`str`, *optional*):
+            Also keep the cached features on disk (safetensors), keyed by a hash of the backbone and the data.
 
         > Parameters of the preference loss
 
@@ -95,6 +101,8 @@ class MoERewardConfig(RewardConfig):
         },
     )
     freeze_backbone: bool = field(default=False, metadata={"help": "Train only the router and the experts."})
+    cache_features: bool = field(default=False, metadata={"help": "Encode the data once (needs freeze_backbone)."})
+    feature_cache_dir: str | None = field(default=None, metadata={"help": "On-disk cache for the features."})
 
     loss_type: str = field(
         default="reward_mixture", metadata={"help": "Preference loss.", "choices": list(LOSS_TYPES)}

@@ -233,6 +233,8 @@ class MoERewardModel(MoERewardPreTrainedModel):
         prompt_lengths: torch.LongTensor | None = None,
         paired: bool = False,
         inputs_embeds: torch.FloatTensor | None = None,
+        sequence_features: torch.FloatTensor | None = None,
+        router_features: torch.FloatTensor | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> MoERewardModelOutput:
@@ -249,47 +251,25 @@ class MoERewardModel(MoERewardPreTrainedModel):
                 Whether row `i` and row `i + batch_size // 2` are the chosen and rejected responses of one prompt (the
                 layout of TRL's preference collator). The routing is then computed once per pair, so both rows share
                 it exactly (including the router noise in training).
+            sequence_features, router_features (`torch.FloatTensor` of shape `(batch_size, hidden_size)`, *optional*):
+                Precomputed backbone features (see [`MoERewardModel.encode`]). When given, the backbone is skipped:
+                this is the frozen-backbone fast path of [`MoERewardTrainer`] with `cache_features=True`.
             **kwargs:
                 Passed to the backbone (e.g. `position_ids`). `labels` and `use_cache` are accepted and ignored.
         """
         kwargs.pop("labels", None)
-        kwargs.pop("use_cache", None)
-        if getattr(self.config.backbone_config, "use_cache", None) is not None:
-            kwargs["use_cache"] = False
-        if input_ids is None and inputs_embeds is None:
-            raise ValueError("MoERewardModel.forward needs `input_ids` (or `inputs_embeds`).")
-        reference = input_ids if input_ids is not None else inputs_embeds[..., 0]
-        if attention_mask is None:
-            attention_mask = torch.ones_like(reference, dtype=torch.long)
-        if paired and reference.shape[0] % 2:
+        if sequence_features is None:
+            sequence_features, router_features = self.encode(
+                input_ids, attention_mask, prompt_lengths, paired=paired, inputs_embeds=inputs_embeds, **kwargs
+            )
+        elif router_features is None:
+            router_features = sequence_features
+        if paired and sequence_features.shape[0] % 2:
             raise ValueError(
-                f"`paired=True` needs an even batch (chosen rows then rejected rows), got {reference.shape[0]}."
+                f"`paired=True` needs an even batch (chosen rows then rejected rows), got {sequence_features.shape[0]}."
             )
-
-        hidden = self.backbone(
-            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs
-        ).last_hidden_state
-        sequence_features = pool_hidden_states(hidden, attention_mask, self.config.pooling)
-
-        router_rows = slice(0, reference.shape[0] // 2) if paired else slice(None)
-        if self.config.router_input == "prompt" and prompt_lengths is None:
-            if not self._warned_prompt_fallback:
-                logger.warning(
-                    "MoERewardModel has `router_input='prompt'` but `forward` got no `prompt_lengths`: the router reads "
-                    "the whole sequence instead. Pass `prompt_lengths` (MoERewardTrainer does) to route on the prompt."
-                )
-                self._warned_prompt_fallback = True
-        if self.config.router_input == "sequence" or prompt_lengths is None:
-            router_features = sequence_features[router_rows]
-        else:
-            router_features = self._prompt_features(
-                hidden[router_rows],
-                input_ids[router_rows] if input_ids is not None else None,
-                inputs_embeds[router_rows] if inputs_embeds is not None else None,
-                attention_mask[router_rows],
-                prompt_lengths[router_rows],
-                kwargs,
-            )
+        if paired and router_features.shape[0] == sequence_features.shape[0]:
+            router_features = router_features[: sequence_features.shape[0] // 2]
 
         router_logits = self.router(router_features.to(self.router.weight.dtype))
         noisy_logits = router_logits
@@ -311,6 +291,58 @@ class MoERewardModel(MoERewardPreTrainedModel):
             sequence_features=sequence_features,
             router_features=router_features,
         )
+
+    def encode(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        prompt_lengths: torch.LongTensor | None = None,
+        paired: bool = False,
+        inputs_embeds: torch.FloatTensor | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""
+        Run the backbone once and return `(sequence_features, router_features)`: what the experts and the router read.
+
+        With `paired=True`, `router_features` has one row per pair (`batch_size // 2` rows), since both rows of a pair
+        share the prompt. Arguments are those of [`MoERewardModel.forward`].
+        """
+        kwargs.pop("use_cache", None)
+        if getattr(self.config.backbone_config, "use_cache", None) is not None:
+            kwargs["use_cache"] = False
+        if input_ids is None and inputs_embeds is None:
+            raise ValueError("MoERewardModel needs `input_ids` (or `inputs_embeds`, or precomputed features).")
+        reference = input_ids if input_ids is not None else inputs_embeds[..., 0]
+        if attention_mask is None:
+            attention_mask = torch.ones_like(reference, dtype=torch.long)
+        if paired and reference.shape[0] % 2:
+            raise ValueError(
+                f"`paired=True` needs an even batch (chosen rows then rejected rows), got {reference.shape[0]}."
+            )
+
+        hidden = self.backbone(
+            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs
+        ).last_hidden_state
+        sequence_features = pool_hidden_states(hidden, attention_mask, self.config.pooling)
+
+        router_rows = slice(0, reference.shape[0] // 2) if paired else slice(None)
+        if self.config.router_input == "prompt" and prompt_lengths is None and not self._warned_prompt_fallback:
+            logger.warning(
+                "MoERewardModel has `router_input='prompt'` but got no `prompt_lengths`: the router reads the whole "
+                "sequence instead. Pass `prompt_lengths` (MoERewardTrainer does) to route on the prompt."
+            )
+            self._warned_prompt_fallback = True
+        if self.config.router_input == "sequence" or prompt_lengths is None:
+            return sequence_features, sequence_features[router_rows]
+        router_features = self._prompt_features(
+            hidden[router_rows],
+            input_ids[router_rows] if input_ids is not None else None,
+            inputs_embeds[router_rows] if inputs_embeds is not None else None,
+            attention_mask[router_rows],
+            prompt_lengths[router_rows],
+            kwargs,
+        )
+        return sequence_features, router_features
 
     def _prompt_features(
         self,

@@ -16,6 +16,7 @@ from trl.trainer.reward_trainer import DataCollatorForPreference
 
 from . import losses
 from .config import MoERewardConfig
+from .feature_cache import FeatureBank, encode_preference_dataset
 from .modeling_moe_reward import MoERewardModel
 
 
@@ -32,12 +33,19 @@ class DataCollatorForMoEPreference(DataCollatorForPreference):
 
     On top of `input_ids`, `attention_mask` and the optional `margin` (chosen rows first, then rejected rows), it
     returns `prompt_lengths` (one per row, the same for both rows of a pair), `paired=True`, and `user_ids` (a list)
-    when the examples carry a `user_id`.
+    when the examples carry a `user_id`. With a `feature_bank` and a `feature_row` column (the frozen-backbone fast
+    path), it also returns the cached `sequence_features` and `router_features`.
     """
+
+    feature_bank: FeatureBank | None = None
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         output = super().torch_call(examples)
         output["paired"] = True
+        if self.feature_bank is not None and "feature_row" in examples[0]:
+            features = self.feature_bank.lookup(torch.tensor([example["feature_row"] for example in examples]))
+            output["sequence_features"] = torch.cat([features["chosen_features"], features["rejected_features"]])
+            output["router_features"] = features["router_features"]
         if "prompt_length" in examples[0]:
             prompt_lengths = torch.tensor([example["prompt_length"] for example in examples], dtype=torch.long)
             output["prompt_lengths"] = prompt_lengths.repeat(2)
@@ -153,7 +161,8 @@ class MoERewardTrainer(RewardTrainer):
                 "(e.g. `model='Qwen/Qwen2.5-0.5B'`) or wrap your backbone with `MoERewardModel.from_backbone(...)`. "
                 "For a plain single-head reward model use trl.RewardTrainer."
             )
-        self._moe_config = _unwrap(model).config
+        self._moe_model = _unwrap(model)
+        self._moe_config = self._moe_model.config
         if args.freeze_backbone:
             _unwrap(model).backbone.requires_grad_(False)
         if peft_config is not None:
@@ -171,10 +180,20 @@ class MoERewardTrainer(RewardTrainer):
                     "the trainer."
                 )
             processing_class.pad_token = processing_class.eos_token
+        self._feature_bank = None
+        if args.cache_features:
+            if not args.freeze_backbone:
+                raise ValueError("`cache_features=True` needs `freeze_backbone=True`: a trained backbone changes its features.")
+            if peft_config is not None or is_peft_model(model):
+                raise ValueError("`cache_features=True` cannot be combined with PEFT: the adapters change the features.")
+            self._feature_bank = FeatureBank()
         if data_collator is None:
             data_collator = DataCollatorForMoEPreference(
-                pad_token_id=processing_class.pad_token_id, pad_to_multiple_of=args.pad_to_multiple_of
+                pad_token_id=processing_class.pad_token_id,
+                pad_to_multiple_of=args.pad_to_multiple_of,
+                feature_bank=self._feature_bank,
             )
+        self._cache_collator = data_collator
 
         super().__init__(
             model=model,
@@ -203,10 +222,9 @@ class MoERewardTrainer(RewardTrainer):
         if "user_id" in columns and isinstance(dataset, Dataset):
             _check_user_ids(dataset)
         if all(column in columns for column in TOKENIZED_COLUMNS):
-            if "prompt_length" in columns:
-                return self._filter_max_length(dataset, args, dataset_name)
-            dataset = dataset.map(_prompt_length_from_common_prefix, **self._map_kwargs(dataset, args, dataset_name))
-            return self._filter_max_length(dataset, args, dataset_name)
+            if "prompt_length" not in columns:
+                dataset = dataset.map(_prompt_length_from_common_prefix, **self._map_kwargs(dataset, args, dataset_name))
+            return self._maybe_cache_features(self._filter_max_length(dataset, args, dataset_name), args)
         missing = [column for column in PREFERENCE_COLUMNS if column not in columns]
         if missing:
             raise ValueError(
@@ -226,7 +244,26 @@ class MoERewardTrainer(RewardTrainer):
             remove_columns=[c for c in ("chosen", "rejected", "prompt") if c in columns],
             **self._map_kwargs(dataset, args, dataset_name),
         )
-        return self._filter_max_length(dataset, args, dataset_name)
+        return self._maybe_cache_features(self._filter_max_length(dataset, args, dataset_name), args)
+
+    def _maybe_cache_features(self, dataset: Dataset | IterableDataset, args: MoERewardConfig) -> Dataset:
+        """With `cache_features=True`, encode the dataset once and index its rows into the feature bank."""
+        if self._feature_bank is None or "feature_row" in dataset.column_names:
+            return dataset
+        if isinstance(dataset, IterableDataset):
+            raise ValueError("`cache_features=True` needs a map-style `Dataset`, not an `IterableDataset`.")
+        if len(dataset) == 0:
+            return dataset.add_column("feature_row", [])
+        features = encode_preference_dataset(
+            self._moe_model,
+            dataset,
+            self._cache_collator,
+            batch_size=max(args.per_device_eval_batch_size, 32),
+            device=args.device,
+            cache_dir=args.feature_cache_dir,
+        )
+        rows = self._feature_bank.add(features)
+        return dataset.add_column("feature_row", list(rows))
 
     @staticmethod
     def _map_kwargs(dataset: Dataset | IterableDataset, args: MoERewardConfig, dataset_name: str) -> dict[str, Any]:
@@ -249,7 +286,7 @@ class MoERewardTrainer(RewardTrainer):
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
-            self._signature_columns = ["chosen_ids", "rejected_ids", "margin", "prompt_length", "user_id"]
+            self._signature_columns = ["chosen_ids", "rejected_ids", "margin", "prompt_length", "user_id", "feature_row"]
 
     # ------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
