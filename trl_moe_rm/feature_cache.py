@@ -54,7 +54,8 @@ def features_fingerprint(model: MoERewardModel, dataset: Dataset) -> str:
     for name, param in backbone.state_dict().items():
         digest.update(name.encode())
         digest.update(param.detach().float().flatten()[:256].cpu().numpy().tobytes())
-    digest.update(str(getattr(dataset, "_fingerprint", None) or hash(tuple(dataset["chosen_ids"][:64]))).encode())
+    for column in ("chosen_ids", "rejected_ids", "prompt_length"):
+        digest.update(json.dumps(list(dataset[column])).encode())
     return digest.hexdigest()[:32]
 
 
