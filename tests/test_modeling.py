@@ -5,9 +5,9 @@ import textwrap
 
 import pytest
 import torch
+from tiny import tiny_bert_config, tiny_llama_config, tiny_moe, tiny_tokenizer
 from transformers import AutoModelForSequenceClassification, LlamaForCausalLM
 
-from tiny import tiny_bert_config, tiny_llama_config, tiny_moe, tiny_tokenizer
 from trl_moe_rm import MoERewardModel, MoERewardModelConfig
 from trl_moe_rm.modeling_moe_reward import top_k_routing
 
@@ -127,6 +127,8 @@ def test_from_backbone_keeps_pretrained_weights(tmp_path):
     assert model.experts.weight.abs().sum() > 0 and model.router.weight.abs().sum() > 0
     from_instance = MoERewardModel.from_backbone(causal, num_experts=3)
     assert from_instance.backbone is causal.model
+    # Wrapping must not reset the live backbone's attention implementation (it would drop the causal/padding masks).
+    assert from_instance.backbone.config._attn_implementation == causal.config._attn_implementation is not None
 
 
 def _save_model_and_scores(tmp_path):

@@ -2,9 +2,17 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig
+from tiny import (
+    CHAT_TEMPLATE,
+    flipped_dataset,
+    separable_dataset,
+    tiny_args,
+    tiny_llama_config,
+    tiny_moe,
+    tiny_tokenizer,
+)
 from transformers import AutoModelForSequenceClassification, LlamaForSequenceClassification
 
-from tiny import CHAT_TEMPLATE, flipped_dataset, separable_dataset, tiny_args, tiny_llama_config, tiny_moe, tiny_tokenizer
 from trl_moe_rm import MoERewardModel, MoERewardTrainer
 from trl_moe_rm.trainer import DataCollatorForMoEPreference
 

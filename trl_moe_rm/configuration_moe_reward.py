@@ -138,6 +138,9 @@ class MoERewardModelConfig(PretrainedConfig):
         self.prompt_encoding = prompt_encoding
         self.initializer_range = initializer_range
         kwargs.setdefault("pad_token_id", getattr(backbone_config, "pad_token_id", None))
+        # `PretrainedConfig` propagates its attention implementation to its sub-configs: keep the backbone's (resetting
+        # it to None would make a live backbone attend without its causal and padding masks).
+        kwargs.setdefault("attn_implementation", getattr(backbone_config, "_attn_implementation", None))
         super().__init__(num_labels=1, **kwargs)
 
     @property

@@ -43,6 +43,9 @@ class MoERewardModelOutput(ModelOutput):
             The pooled representation of (prompt, response) that the experts read.
         router_features (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
             The representation that the router reads.
+        expert_weight_vectors (`torch.FloatTensor` of shape `(num_experts, D)`, *optional*):
+            A copy of [`MoEExperts.weight_vectors`] taken inside the experts' forward (only with
+            `return_expert_weights=True`), for the cosine diversity loss under DeepSpeed ZeRO-3.
     """
 
     loss: torch.FloatTensor | None = None
@@ -52,6 +55,7 @@ class MoERewardModelOutput(ModelOutput):
     routing_weights: torch.FloatTensor | None = None
     sequence_features: torch.FloatTensor | None = None
     router_features: torch.FloatTensor | None = None
+    expert_weight_vectors: torch.FloatTensor | None = None
 
 
 def top_k_routing(router_logits: torch.Tensor, top_k: int, temperature: float = 1.0) -> torch.Tensor:
@@ -107,13 +111,24 @@ class MoEExperts(nn.Module):
             self.weight = nn.Parameter(torch.empty(num_experts, expert_hidden_size))
         self.bias = nn.Parameter(torch.empty(num_experts))
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """Rewards of every expert: `(batch_size, hidden_size)` -> `(batch_size, num_experts)`."""
+    def forward(
+        self, features: torch.Tensor, return_weight_vectors: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """
+        Rewards of every expert: `(batch_size, hidden_size)` -> `(batch_size, num_experts)`.
+
+        With `return_weight_vectors=True`, also returns a copy of [`~MoEExperts.weight_vectors`] made here, where
+        DeepSpeed ZeRO-3 has gathered the (otherwise partitioned) weights and tracks their gradients.
+        """
         features = features.to(self.weight.dtype)
         if self.expert_type == "linear":
-            return features @ self.weight.T + self.bias
-        hidden = nn.functional.gelu(torch.einsum("nh,keh->nke", features, self.fc_weight) + self.fc_bias)
-        return torch.einsum("nke,ke->nk", hidden, self.weight) + self.bias
+            rewards = features @ self.weight.T + self.bias
+        else:
+            hidden = nn.functional.gelu(torch.einsum("nh,keh->nke", features, self.fc_weight) + self.fc_bias)
+            rewards = torch.einsum("nke,ke->nk", hidden, self.weight) + self.bias
+        if return_weight_vectors:
+            return rewards, self.weight_vectors().clone()
+        return rewards
 
     def weight_vectors(self) -> torch.Tensor:
         """One flattened weight vector per expert, `(num_experts, D)`, for the orthogonality (diversity) loss."""
@@ -235,6 +250,7 @@ class MoERewardModel(MoERewardPreTrainedModel):
         inputs_embeds: torch.FloatTensor | None = None,
         sequence_features: torch.FloatTensor | None = None,
         router_features: torch.FloatTensor | None = None,
+        return_expert_weights: bool = False,
         return_dict: bool | None = None,
         **kwargs,
     ) -> MoERewardModelOutput:
@@ -254,6 +270,9 @@ class MoERewardModel(MoERewardPreTrainedModel):
             sequence_features, router_features (`torch.FloatTensor` of shape `(batch_size, hidden_size)`, *optional*):
                 Precomputed backbone features (see [`MoERewardModel.encode`]). When given, the backbone is skipped:
                 this is the frozen-backbone fast path of [`MoERewardTrainer`] with `cache_features=True`.
+            return_expert_weights (`bool`, *optional*, defaults to `False`):
+                Also return `expert_weight_vectors` (for the cosine diversity loss; needed under DeepSpeed ZeRO-3,
+                where the expert weights are only materialised inside the experts' forward).
             **kwargs:
                 Passed to the backbone (e.g. `position_ids`). `labels` and `use_cache` are accepted and ignored.
         """
@@ -281,7 +300,11 @@ class MoERewardModel(MoERewardPreTrainedModel):
             routing_weights = routing_weights.repeat(2, 1)
             router_features = router_features.repeat(2, 1)
 
-        expert_rewards = self.experts(sequence_features)
+        expert_weight_vectors = None
+        if return_expert_weights:
+            expert_rewards, expert_weight_vectors = self.experts(sequence_features, return_weight_vectors=True)
+        else:
+            expert_rewards = self.experts(sequence_features)
         logits = (routing_weights.to(expert_rewards.dtype) * expert_rewards).sum(dim=-1, keepdim=True)
         return MoERewardModelOutput(
             logits=logits,
@@ -290,6 +313,7 @@ class MoERewardModel(MoERewardPreTrainedModel):
             routing_weights=routing_weights,
             sequence_features=sequence_features,
             router_features=router_features,
+            expert_weight_vectors=expert_weight_vectors,
         )
 
     def encode(

@@ -295,7 +295,9 @@ class MoERewardTrainer(RewardTrainer):
         inputs = dict(inputs)
         margin = inputs.pop("margin", None)
         inputs.pop("user_ids", None)
-        outputs = model(**inputs)
+        # The cosine diversity reads the expert weights, which DeepSpeed ZeRO-3 only gathers inside their forward.
+        cosine_diversity = bool(args.diversity_coef) and args.diversity_type == "cosine"
+        outputs = model(**inputs, return_expert_weights=True) if cosine_diversity else model(**inputs)
 
         num_pairs = outputs.logits.shape[0] // 2
         rewards_chosen, rewards_rejected = outputs.logits.squeeze(-1).chunk(2)
@@ -333,7 +335,7 @@ class MoERewardTrainer(RewardTrainer):
             terms["balance_loss"] = args.balance_coef * balance
         if args.diversity_coef:
             if args.diversity_type == "cosine":
-                diversity = losses.cosine_diversity_loss(_unwrap(model).experts.weight_vectors())
+                diversity = losses.cosine_diversity_loss(outputs.expert_weight_vectors)
             else:
                 diversity = losses.correlation_diversity_loss(expert_deltas)
             terms["diversity_loss"] = args.diversity_coef * diversity
@@ -361,6 +363,8 @@ class MoERewardTrainer(RewardTrainer):
                 routing_weights,
                 inputs["attention_mask"],
             )
+        if return_outputs and outputs.expert_weight_vectors is not None:  # not a per-example prediction
+            outputs = type(outputs)(**{k: v for k, v in outputs.items() if k != "expert_weight_vectors"})
         return (loss, outputs) if return_outputs else loss
 
     def _log_metrics(
@@ -423,6 +427,14 @@ class MoERewardTrainer(RewardTrainer):
         logs.update(metrics)
         super(RewardTrainer, self).log(logs, start_time)
         self._metrics[mode].clear()
+
+    # ------------------------------------------------------------------ saving
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict=state_dict)
+        if is_peft_model(self.model) and self.args.should_save:
+            # A PEFT adapter folder does not describe the MoE head (number of experts, routing): save its config too,
+            # so that the adapter reloads on its own (`trl_moe_rm.checkpoints.load_moe_reward_model`).
+            _unwrap(self.model).config.save_pretrained(output_dir if output_dir is not None else self.args.output_dir)
 
     # ------------------------------------------------------------------ optimizer
     def create_optimizer(self, model=None):
