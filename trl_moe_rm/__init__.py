@@ -4,7 +4,9 @@ from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassificati
 
 from .config import MoERewardConfig
 from .configuration_moe_reward import MoERewardModelConfig
-from .modeling_moe_reward import MoERewardModel, MoERewardModelOutput
+from .modeling_moe_reward import MoERewardModel, MoERewardModelOutput, MoEUserRewardModel
+from .personalization import UserRewards, fit_user_weights, fit_users, weight_shift
+from .profiles import ProfileStore, UserProfile
 from .trainer import MoERewardTrainer
 
 
@@ -22,4 +24,11 @@ __all__ = [
     "MoERewardModelConfig",
     "MoERewardModelOutput",
     "MoERewardTrainer",
+    "MoEUserRewardModel",
+    "ProfileStore",
+    "UserProfile",
+    "UserRewards",
+    "fit_user_weights",
+    "fit_users",
+    "weight_shift",
 ]

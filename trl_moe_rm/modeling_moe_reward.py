@@ -17,7 +17,7 @@ from transformers import AutoModel, PreTrainedModel
 from transformers.modeling_outputs import ModelOutput
 from transformers.utils import logging
 
-from .configuration_moe_reward import MoERewardModelConfig
+from .configuration_moe_reward import MoERewardModelConfig, config_fingerprint
 
 
 logger = logging.get_logger(__name__)
@@ -368,6 +368,40 @@ class MoERewardModel(MoERewardPreTrainedModel):
         )
         return sequence_features, router_features
 
+    def for_user(self, profile: Any, mode: str | None = None, beta: float | None = None) -> "MoEUserRewardModel":
+        r"""
+        A reward model for one user: the same backbone and experts, mixed with the user's weights.
+
+        Args:
+            profile ([`UserProfile`] or sequence of floats):
+                A fitted profile (its `expert_weights`, `mode` and `beta` are used, and it is checked against this
+                model's number of experts and configuration fingerprint), or raw weights on the simplex.
+            mode (`str`, *optional*):
+                Overrides the profile's mode: `"static"` (`r_u = sum_k w_k r_k`) or `"routed"`
+                (`normalize(g(x)^beta * w_u)`).
+            beta (`float`, *optional*):
+                Overrides the profile's routing exponent.
+
+        Returns:
+            [`MoEUserRewardModel`]: a `PreTrainedModel` sharing this model's modules (no copy), whose `logits` (N, 1) are
+            the user's reward and whose `score(hidden_states)` gives per-token rewards with the weights folded in (the
+            contract of TRL's PPO reward model).
+        """
+        if hasattr(profile, "check_compatible"):
+            profile.check_compatible(self.config.num_experts, config_fingerprint(self.config))
+        weights = getattr(profile, "expert_weights", profile)
+        weights = torch.as_tensor(list(weights), dtype=torch.float32)
+        if weights.shape != (self.config.num_experts,):
+            raise ValueError(
+                f"The user's weights have shape {tuple(weights.shape)}, this model has {self.config.num_experts} "
+                "experts: refit the profile for this model."
+            )
+        if not torch.isfinite(weights).all() or (weights < 0).any() or abs(float(weights.sum()) - 1) > 1e-4:
+            raise ValueError("The user's weights must be finite, non-negative and sum to 1 (a point on the simplex).")
+        mode = mode or getattr(profile, "mode", "static")
+        beta = getattr(profile, "beta", 1.0) if beta is None else beta
+        return MoEUserRewardModel(self, weights, mode=mode, beta=beta)
+
     def _prompt_features(
         self,
         hidden: torch.Tensor,
@@ -396,6 +430,54 @@ class MoERewardModel(MoERewardPreTrainedModel):
             **backbone_kwargs,
         ).last_hidden_state
         return pool_hidden_states(prompt_hidden, prompt_mask, self.config.pooling)
+
+
+class MoEUserRewardModel(MoERewardPreTrainedModel):
+    r"""
+    One user's reward model, made by [`MoERewardModel.for_user`]. It shares the backbone, router and experts of the
+    MoE model and holds the user's weights `w_u` as a buffer.
+
+    - `forward(...)` returns `logits` (N, 1): `sum_k w_k r_k` in `"static"` mode, or `sum_k normalize(g(x)^beta * w)_k
+      r_k` in `"routed"` mode. It works as an `nn.Module` reward in TRL's RLOO and GRPO trainers.
+    - `score(hidden_states)` maps per-token hidden states `(B, L, H)` to per-token rewards `(B, L, 1)` with the static
+      weights folded in, and `getattr(model, model.base_model_prefix)` is the backbone: the contract of TRL's PPO
+      reward model, which reads the score at the last non-pad token (exact for `pooling="last"`).
+    """
+
+    def __init__(self, moe: MoERewardModel, weights: torch.Tensor, mode: str = "static", beta: float = 1.0):
+        if mode not in ("static", "routed"):
+            raise ValueError(f"`mode` must be 'static' or 'routed', got {mode!r}.")
+        super().__init__(moe.config)
+        self.backbone = moe.backbone
+        self.router = moe.router
+        self.experts = moe.experts
+        self.register_buffer("user_weights", weights.to(moe.router.weight.device), persistent=False)
+        self.mode = mode
+        self.beta = float(beta)
+        self._moe = [moe]  # not a submodule: its modules are registered above
+
+    def score(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Per-token user reward of hidden states `(..., H)` -> `(..., 1)`, with the static weights folded in."""
+        flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+        rewards = self.experts(flat) @ self.user_weights.to(flat.dtype)
+        return rewards.reshape(*hidden_states.shape[:-1], 1)
+
+    def mixture_weights(self, routing_weights: torch.Tensor) -> torch.Tensor:
+        """The user's mixture weights for each row, given the default routing `g(x)`."""
+        weights = self.user_weights.to(routing_weights.dtype)
+        if self.mode == "static":
+            return weights.expand_as(routing_weights)
+        mixed = routing_weights.clamp_min(0).pow(self.beta) * weights
+        total = mixed.sum(dim=-1, keepdim=True)
+        return torch.where(total > 0, mixed / total.clamp_min(1e-30), weights.expand_as(routing_weights))
+
+    def forward(self, *args, **kwargs) -> MoERewardModelOutput:
+        """Arguments of [`MoERewardModel.forward`]; `logits` is the user's reward."""
+        output = self._moe[0](*args, **kwargs)
+        mixture = self.mixture_weights(output.routing_weights.float()).to(output.expert_rewards.dtype)
+        output.logits = (mixture * output.expert_rewards).sum(dim=-1, keepdim=True)
+        output.routing_weights = mixture
+        return output
 
 
 def first_token_index(attention_mask: torch.Tensor) -> torch.LongTensor:
@@ -430,4 +512,10 @@ def pool_hidden_states(hidden: torch.Tensor, attention_mask: torch.Tensor, pooli
     return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
 
 
-__all__ = ["MoERewardModel", "MoERewardModelOutput", "MoERewardPreTrainedModel", "top_k_routing"]
+__all__ = [
+    "MoERewardModel",
+    "MoERewardModelOutput",
+    "MoERewardPreTrainedModel",
+    "MoEUserRewardModel",
+    "top_k_routing",
+]

@@ -19,7 +19,6 @@ from __future__ import annotations
 import base64
 import binascii
 import copy
-import hashlib
 import json
 import math
 import numbers
@@ -34,6 +33,7 @@ from typing import Any
 
 import torch
 
+from .configuration_moe_reward import config_fingerprint
 from .io_utils import atomic_write_bytes, atomic_write_text, fsync_directory, is_temp_file
 
 
@@ -63,22 +63,6 @@ _MAX_FILENAME_BYTES = 255
 _INT_NAME = re.compile(r"^i-(-?[0-9]+)\.json$")
 _STR_NAME = re.compile(r"^s-([a-z2-7]+)\.json$")
 
-_VOLATILE_CONFIG_KEYS = frozenset(
-    {
-        "_name_or_path",
-        "transformers_version",
-        "torch_dtype",
-        "dtype",
-        "architectures",
-        "auto_map",
-        "_commit_hash",
-        "_attn_implementation_autoset",
-        "name_or_path",
-        "pad_token_id",
-        "eos_token_id",
-        "bos_token_id",
-    }
-)
 
 UserId = str | int
 
@@ -101,50 +85,6 @@ class UnknownUserError(KeyError):
 # ----------------------------------------------------------------------------------------------------------------------
 # Config fingerprint
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def _canonicalize(obj: Any) -> Any:
-    if isinstance(obj, Mapping):
-        return {str(key): _canonicalize(value) for key, value in obj.items() if key not in _VOLATILE_CONFIG_KEYS}
-    if isinstance(obj, (list, tuple)):
-        return [_canonicalize(value) for value in obj]
-    if isinstance(obj, (set, frozenset)):
-        return sorted((_canonicalize(value) for value in obj), key=repr)
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    if hasattr(obj, "to_dict"):
-        return _canonicalize(obj.to_dict())
-    return str(obj)  # torch.dtype, enums, ...
-
-
-def config_fingerprint(config: Any) -> str:
-    """
-    Computes a short, stable fingerprint of a model configuration.
-
-    The fingerprint is the first 16 hex characters of the SHA-256 of the canonical JSON (sorted keys, compact
-    separators, dict keys as strings) of `config.to_dict()`, after dropping - at any nesting level - keys that do not
-    change what the experts compute: `_name_or_path`, `transformers_version`, `torch_dtype`, `dtype`, `architectures`,
-    `auto_map`, `_commit_hash`, `_attn_implementation_autoset`, `name_or_path`, `pad_token_id`, `eos_token_id` and
-    `bos_token_id`. Saving/reloading a model, moving it, or casting it to another dtype keeps the fingerprint; changing
-    e.g. `num_experts` changes it.
-
-    Args:
-        config (`PretrainedConfig`-like or `dict`):
-            An object with a `to_dict()` method, or a mapping.
-
-    Returns:
-        `str`: 16 lowercase hex characters.
-    """
-    if hasattr(config, "to_dict"):
-        data = config.to_dict()
-    elif isinstance(config, Mapping):
-        data = config
-    else:
-        raise TypeError(
-            f"`config` must be a PretrainedConfig-like object with `to_dict()` or a dict, got {type(config).__name__}."
-        )
-    canonical = json.dumps(_canonicalize(data), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
