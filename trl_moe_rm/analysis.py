@@ -501,6 +501,45 @@ def score_pairs(
     return PairScores(**outputs)
 
 
+def scores_from_features(model: torch.nn.Module, features: Mapping[str, torch.Tensor]) -> PairScores:
+    r"""
+    [`PairScores`] from cached backbone features (see [`MoERewardTrainer.cached_features`]), running only the router and
+    the experts: the frozen-backbone counterpart of [`score_pairs`].
+
+    Args:
+        model ([`MoERewardModel`]):
+            The reward model whose head scores the features.
+        features (`Mapping[str, torch.Tensor]`):
+            `chosen_features`, `rejected_features` and `router_features`, each `(n, hidden_size)`.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            output = model(
+                sequence_features=torch.cat([features["chosen_features"], features["rejected_features"]]),
+                router_features=features["router_features"],
+                paired=True,
+            )
+    finally:
+        model.train(was_training)
+    size = features["chosen_features"].shape[0]
+    temperature = float(model.config.router_temperature)
+
+    def array(value: torch.Tensor) -> np.ndarray:
+        return value.detach().float().cpu().numpy().astype(np.float64)
+
+    rewards = output.logits[:, 0]
+    return PairScores(
+        chosen_rewards=array(rewards[:size]),
+        rejected_rewards=array(rewards[size:]),
+        chosen_expert_rewards=array(output.expert_rewards[:size]),
+        rejected_expert_rewards=array(output.expert_rewards[size:]),
+        routing_weights=array(output.routing_weights[:size]),
+        router_probs=array(torch.softmax(output.router_logits[:size].float() / temperature, dim=-1)),
+    )
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Routing structure
 # ----------------------------------------------------------------------------------------------------------------------

@@ -284,6 +284,18 @@ class MoERewardTrainer(RewardTrainer):
             **kwargs,
         )
 
+    def cached_features(self, dataset: Dataset) -> dict[str, torch.Tensor]:
+        """
+        The cached backbone features (`chosen_features`, `rejected_features`, `router_features`) of a dataset this
+        trainer prepared with `cache_features=True` (its train or eval dataset).
+        """
+        if self._feature_bank is None or "feature_row" not in dataset.column_names:
+            raise ValueError(
+                "No cached features for this dataset: train with `cache_features=True` and pass a dataset the trainer "
+                "prepared (`trainer.train_dataset` or `trainer.eval_dataset`)."
+            )
+        return self._feature_bank.lookup(torch.tensor(dataset["feature_row"]))
+
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
             self._signature_columns = ["chosen_ids", "rejected_ids", "margin", "prompt_length", "user_id", "feature_row"]

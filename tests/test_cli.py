@@ -1,0 +1,114 @@
+import json
+
+import pytest
+
+from tiny import tiny_moe, tiny_tokenizer
+from trl_moe_rm.cli import main
+from trl_moe_rm.profiles import ProfileStore
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    tokenizer = tiny_tokenizer()
+    model = tiny_moe("llama", tokenizer)
+    path = tmp_path / "model"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+PAIRS = [
+    {"prompt": "short question about cat", "chosen": "yes one", "rejected": "no one"},
+    {"prompt": "long question about dog", "chosen": "no two", "rejected": "yes two"},
+    {"prompt": "short question about sun", "chosen": "yes", "rejected": "no"},
+]
+
+
+def test_personalize_prints_weights_and_saves_profile(model_dir, tmp_path, capsys):
+    pairs = _write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    code = main(["personalize", "--model", str(model_dir), "--pairs", str(pairs), "--user_id", "alice",
+                 "--method", "hyre", "--store", str(tmp_path / "store"), "--test", str(pairs)])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["user_id"] == "alice" and len(result["user_weights"]) == 4
+    assert sum(result["shift"]) == pytest.approx(0.0, abs=1e-5)
+    assert 0.0 <= result["test_accuracy_personalized"] <= 1.0
+    assert ProfileStore(tmp_path / "store").load("alice").method == "hyre"
+
+
+def test_score_jsonl_for_users_with_fallback(model_dir, tmp_path, capsys):
+    pairs = _write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    main(["personalize", "--model", str(model_dir), "--pairs", str(pairs), "--user_id", "alice",
+          "--store", str(tmp_path / "store")])
+    rows = [{"prompt": "short question", "response": "yes", "user_id": "alice"},
+            {"prompt": "short question", "response": "yes", "user_id": "bob"}]
+    source = _write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out.jsonl"
+    assert main(["score", "--model", str(model_dir), "--input", str(source), "--output", str(out),
+                 "--profiles", str(tmp_path / "store")]) == 0
+    scored = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [row["user_id"] for row in scored] == ["alice", "bob"]
+    assert all(isinstance(row["reward"], float) for row in scored)
+    assert "1 row(s) had no profile" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["score", "--model", str(model_dir), "--input", str(source), "--output", str(out),
+              "--profiles", str(tmp_path / "store"), "--strict"])
+
+
+def test_score_plain_and_bad_rows(model_dir, tmp_path):
+    source = _write_jsonl(tmp_path / "in.jsonl", [{"prompt": "what", "response": "good"}])
+    out = tmp_path / "out.jsonl"
+    assert main(["score", "--model", str(model_dir), "--input", str(source), "--output", str(out)]) == 0
+    assert "reward" in json.loads(out.read_text())
+    bad = _write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "what"}])
+    with pytest.raises(SystemExit, match="missing string field"):
+        main(["score", "--model", str(model_dir), "--input", str(bad), "--output", str(out)])
+
+
+def test_demo_rejects_an_output_dir_that_is_a_file(tmp_path, capsys):
+    target = tmp_path / "file"
+    target.write_text("x")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--output_dir", str(target), "--quick"])
+    assert exit_info.value.code == 2
+    assert "is an existing file" in capsys.readouterr().err
+
+
+def test_help_of_every_subcommand(capsys):
+    for command in ("demo", "personalize", "score"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--help"])
+    assert exit_info.value.code == 0
+    assert "--num_experts" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_quick_demo_writes_the_report(tmp_path):
+    output_dir = tmp_path / "demo"
+    assert main(["demo", "--quick", "--output_dir", str(output_dir)]) == 0
+    report = json.loads((output_dir / "report.json").read_text())
+    assert set(report) >= {"models", "config"}
+    assert list(report["models"]) == ["single_head", "dense_moe", "sparse_moe_no_diversity", "sparse_moe"]
+    required = {"test_accuracy", "conflict_accuracy", "routing_nmi", "routing_purity", "specialization",
+                "description_accuracy", "train_seconds"}
+    for name, row in report["models"].items():
+        assert required <= set(row), name
+        assert 0.0 <= row["test_accuracy"] <= 1.0
+    assert report["models"]["single_head"]["routing_nmi"] is None
+    assert report["models"]["sparse_moe"]["routing_nmi"] is not None
+    for figure in report["figures"].values():
+        assert (output_dir / figure).stat().st_size > 1000
+    assert (output_dir / "report.md").read_text().startswith("| model |")
+    from transformers import AutoModelForSequenceClassification
+
+    from trl_moe_rm import MoERewardModel
+
+    assert isinstance(AutoModelForSequenceClassification.from_pretrained(output_dir / "sparse_moe"), MoERewardModel)
