@@ -1,8 +1,8 @@
 import json
 
 import pytest
-
 from tiny import tiny_moe, tiny_tokenizer
+
 from trl_moe_rm.cli import main
 from trl_moe_rm.profiles import ProfileStore
 

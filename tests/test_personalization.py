@@ -3,8 +3,8 @@ import time
 import pytest
 import torch
 from datasets import Dataset
-
 from tiny import flipped_dataset, tiny_args, tiny_moe, tiny_tokenizer
+
 from trl_moe_rm import (
     MoERewardTrainer,
     ProfileStore,
