@@ -94,6 +94,11 @@ def _cell(runs: list[dict], key: str) -> str:
     return f"{values.mean():.3f} ({values.min():.2f}–{values.max():.2f})"
 
 
+def _cell(runs: list[dict], key: str) -> str:
+    values = np.array([r[key] for r in runs])
+    return f"{values.mean():.3f} ({values.min():.2f}–{values.max():.2f})"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num_pairs_per_category", type=int, default=400)
@@ -125,15 +130,8 @@ def main():
         ]
         results[name] = runs
 
-        def cell(key):
-            values = np.array([r[key] for r in runs])
-            return f"{values.mean():.3f} ({values.min():.2f}–{values.max():.2f})"
-
-        print(
-            f"| {name} | {cell('accuracy')} | {cell('conflict_accuracy')} | {cell('nmi')} | {cell('purity')} |"
-            f"  <!-- {time.perf_counter() - start:.0f} s -->",
-            flush=True,
-        )
+        cells = " | ".join(_cell(runs, key) for key in ("accuracy", "conflict_accuracy", "nmi", "purity"))
+        print(f"| {name} | {cells} |  <!-- {time.perf_counter() - start:.0f} s -->", flush=True)
     print(json.dumps({"results": results}))
 
 
