@@ -361,7 +361,7 @@ class MoERewardTrainer(RewardTrainer):
 
         if mode == "train":
             num_tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
-            self._total_train_tokens += num_tokens // self._tp_size
+            self._total_train_tokens += num_tokens // getattr(self, "_tp_size", 1)  # trl < 1.10 has no tensor parallelism
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
         with torch.no_grad():
             self._log_metrics(
