@@ -33,7 +33,7 @@ test: lint
 $(VENV_PPO)/.installed: pyproject.toml
 	test -x $(PY_PPO) || $(PYTHON) -m venv $(VENV_PPO)
 	$(PY_PPO) -m pip install -q torch==$(TORCH_VERSION)
-	$(PY_PPO) -m pip install -q trl==$(TRL_PPO_VERSION) pytest -e .
+	$(PY_PPO) -m pip install -q trl==$(TRL_PPO_VERSION) pytest scikit-learn -e .
 	touch $@
 
 # TRL's PPOTrainer with `MoERewardModel.for_user(profile)` as its reward model, on trl==$(TRL_PPO_VERSION).

@@ -7,6 +7,7 @@ from .configuration_moe_reward import MoERewardModelConfig
 from .modeling_moe_reward import MoERewardModel, MoERewardModelOutput, MoEUserRewardModel
 from .personalization import UserRewards, fit_user_weights, fit_users, weight_shift
 from .profiles import ProfileStore, UserProfile
+from .rewards import PersonalizedReward
 from .trainer import MoERewardTrainer
 
 
@@ -25,6 +26,7 @@ __all__ = [
     "MoERewardModelOutput",
     "MoERewardTrainer",
     "MoEUserRewardModel",
+    "PersonalizedReward",
     "ProfileStore",
     "UserProfile",
     "UserRewards",

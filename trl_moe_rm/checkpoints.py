@@ -6,6 +6,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
+
 from .configuration_moe_reward import MoERewardModelConfig
 from .modeling_moe_reward import MoERewardModel
 
@@ -89,7 +91,12 @@ def load_moe_reward_model(
             - a PEFT adapter folder (`adapter_config.json`) written by a LoRA run: the base backbone named in the
               adapter config is loaded, wrapped with the router and experts, and the adapter plus the saved head
               (`modules_to_save`) are loaded on top;
-            - a Hub model id.
+            - a Hub model id (the repository is checked before anything is downloaded, see
+              [`~trl_moe_rm.hub.snapshot_moe_repo`]).
+
+            Only safetensors and JSON are read: a folder or repository holding pickle-capable files (`.bin`, `.pt`,
+            `.pkl`, ...) other than trainer state (`training_args.bin`, optimizer / scheduler / RNG states, which are
+            never opened) is refused, and so is a `config.json` whose `model_type` is not `moe_reward`.
         merge_adapter (`bool`, *optional*, defaults to `False`):
             For an adapter folder, merge the LoRA weights into the backbone and return a plain [`MoERewardModel`]
             instead of a [`~peft.PeftModel`].
@@ -106,16 +113,23 @@ def load_moe_reward_model(
         [`ZeroCheckpointError`] (a `FileNotFoundError`): `path` is a DeepSpeed ZeRO checkpoint with only partitioned
         shards; the message gives the `zero_to_fp32.py` command that consolidates them.
         `FileNotFoundError`: a local folder without weights or adapter.
+        [`~trl_moe_rm.hub.UnsafeFilesError`] (a `ValueError`): pickle-capable files in the folder or repository.
+        `ValueError`: a config that is not a `moe_reward` one.
     """
+    from .hub import check_local_model_folder, snapshot_moe_repo
+
+    from_pretrained_kwargs.setdefault("use_safetensors", True)  # never unpickle weights
     local = Path(os.path.expanduser(os.fspath(path)))
     if not local.exists():
         if os.fspath(path).startswith((".", "/", "~")):
             raise FileNotFoundError(f"Model path {os.fspath(path)!r} does not exist.")
-        return MoERewardModel.from_pretrained(os.fspath(path), **from_pretrained_kwargs).eval()
+        hub_kwargs = {key: from_pretrained_kwargs.pop(key, None) for key in ("revision", "token", "cache_dir")}
+        local = snapshot_moe_repo(os.fspath(path), **hub_kwargs)
     if local.is_file():
         raise FileNotFoundError(
             f"{str(local)!r} is a file; pass the folder that holds config.json and the weights instead."
         )
+    check_local_model_folder(local)  # refuses pickle-capable files and configs that are not `moe_reward`
     check_consolidated(local)
     if (local / ADAPTER_CONFIG_FILE).is_file():
         return _load_adapter(local, merge_adapter, moe_kwargs, from_pretrained_kwargs)
@@ -125,7 +139,13 @@ def load_moe_reward_model(
             f"({ADAPTER_CONFIG_FILE}). Pass the `output_dir` of a MoERewardTrainer run or one of its checkpoint-N "
             "folders."
         )
-    return MoERewardModel.from_pretrained(str(local), **from_pretrained_kwargs).eval()
+    try:
+        return MoERewardModel.from_pretrained(str(local), **from_pretrained_kwargs).eval()
+    except SafetensorError as error:
+        raise ValueError(
+            f"The weights in {str(local)!r} cannot be read ({error}): the file is corrupt or truncated. Save the "
+            "model again, or download it again."
+        ) from error
 
 
 def _load_adapter(

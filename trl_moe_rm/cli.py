@@ -1,4 +1,4 @@
-"""`trl-moe-rm`: the command line of trl_moe_rm (train, demo, personalize, score)."""
+"""`trl-moe-rm`: the command line of trl_moe_rm (train, demo, personalize, score, analyze, push)."""
 
 import argparse
 import json
@@ -169,6 +169,244 @@ def _run_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_analyze(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "analyze",
+        help="Explain a trained model on preference data: routing heatmap, expert descriptions, steering.",
+        description=(
+            "Score a preference dataset (prompt, chosen, rejected) with a trained MoE reward model and write "
+            "report.json, report.md, experts.json and PNG figures: the routing heatmap when the data has a category "
+            "column, the expert descriptions, and expert x attribute correlations and steering when it has "
+            "`chosen_attributes` / `rejected_attributes` columns."
+        ),
+    )
+    parser.add_argument("--model", required=True, help="Directory (or Hub id) of a trained MoE reward model.")
+    parser.add_argument(
+        "--dataset",
+        required=True,
+        help="Local .json/.jsonl/.parquet file or folder, or a Hub dataset id (`prompt`, `chosen`, `rejected`).",
+    )
+    parser.add_argument("--dataset_config", default=None, help="Configuration (subset) of a Hub dataset.")
+    parser.add_argument(
+        "--dataset_split", default=None, help="Split to analyse (default: `test` when there is one, else `train`)."
+    )
+    parser.add_argument("--output_dir", default="analysis", help="Where the report and the figures go.")
+    parser.add_argument(
+        "--category_column",
+        default=None,
+        help="Column of the hidden category of each pair, for the routing heatmap (default: `category` if present).",
+    )
+    parser.add_argument("--max_samples", type=int, default=None, help="Analyse at most this many pairs.")
+    parser.add_argument("--batch_size", type=int, default=32, help="Pairs per forward pass.")
+    parser.add_argument("--max_length", type=int, default=None, help="Truncate longer sequences (tokens).")
+    parser.add_argument("--top_n_words", type=int, default=10, help="Words and bigrams kept per expert description.")
+    parser.set_defaults(func=_run_analyze)
+
+
+def _select_split(dataset, requested: str | None):
+    from datasets import DatasetDict
+
+    if not isinstance(dataset, DatasetDict):
+        return dataset, requested or "train"
+    if requested is not None:
+        if requested not in dataset:
+            raise ValueError(f"--dataset_split {requested!r} is not a split of the dataset; it has {list(dataset)}.")
+        return dataset[requested], requested
+    split = "test" if "test" in dataset else "train" if "train" in dataset else next(iter(dataset))
+    return dataset[split], split
+
+
+def _analysis_markdown(report: dict, records: list[dict], title: str, figures: dict[str, str]) -> str:
+    def cell(value) -> str:
+        if value is None:
+            return "—"
+        return f"{value:.3f}" if isinstance(value, float) else str(value).replace("|", "\\|")
+
+    lines = [f"# {title}", "", "| metric | value |", "|---|---:|"]
+    for name in ("accuracy", "conflict_accuracy", "nmi", "purity", "specialization", "description_accuracy"):
+        if name in report:
+            lines.append(f"| {name} | {cell(report[name])} |")
+    lines += ["", "## Experts", "", "| expert | load | description |", "|---:|---:|---|"]
+    lines += [f"| {r['expert']} | {cell(r.get('load'))} | {cell(r.get('description'))} |" for r in records]
+    if "routing_heatmap" in figures:
+        lines += ["", "## Routing", "", f"![Mean routing weight per category]({figures['routing_heatmap']})"]
+    if "expert_attribute" in figures:
+        figure = figures["expert_attribute"]
+        lines += ["", "## Experts and attributes", "", f"![Expert x attribute correlation]({figure})"]
+    if report.get("steering"):
+        lines += [
+            "",
+            "## Steering",
+            "",
+            "Putting all the weight on one expert: change of the fraction of pairs whose preferred response has the "
+            "expert's attribute value.",
+            "",
+            "| expert | attribute | rho | shift |",
+            "|---:|---|---:|---:|",
+        ]
+        lines += [
+            f"| {e['expert']} | {e['attribute']} | {cell(e['rho'])} | {cell(e['shift'])} |" for e in report["steering"]
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _run_analyze(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .analysis import analysis_report, describe_experts, score_pairs
+    from .data.controlled import ATTRIBUTES
+    from .data.loading import load_preference_dataset
+    from .io_utils import atomic_write_text
+    from .model_card import EXPERTS_FILENAME, ROUTING_HEATMAP_FILENAME, expert_records, experts_file_content
+    from .plots import plot_expert_attribute_heatmap, plot_routing_heatmap
+
+    output_dir = Path(args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise NotADirectoryError(f"--output_dir {args.output_dir!r} is an existing file; pass a directory.")
+    if args.max_samples is not None and args.max_samples < 1:
+        raise ValueError(f"--max_samples must be >= 1, got {args.max_samples}.")
+    dataset = load_preference_dataset(args.dataset, config=args.dataset_config, check_columns=False)
+    dataset, split = _select_split(dataset, args.dataset_split)
+    columns = dataset.column_names
+    for column in ("chosen", "rejected"):
+        if column not in columns:
+            raise ValueError(
+                f"The dataset {args.dataset!r} (split {split!r}) has no `{column}` column, which `analyze` needs (it "
+                f"reads the text of the pairs: `prompt`, `chosen`, `rejected`). Its columns are {columns}."
+            )
+    category_column = args.category_column
+    if category_column is not None and category_column not in columns:
+        raise ValueError(
+            f"--category_column {category_column!r} is not a column of the dataset {args.dataset!r}; its columns are "
+            f"{columns}."
+        )
+    if category_column is None and "category" in columns:
+        category_column = "category"
+    has_attributes = "chosen_attributes" in columns and "rejected_attributes" in columns
+    if args.max_samples is not None and args.max_samples < len(dataset):
+        dataset = dataset.select(range(args.max_samples))
+
+    model, tokenizer = _load_model_and_tokenizer(args.model)
+    scores = score_pairs(model, tokenizer, dataset, batch_size=args.batch_size, max_length=args.max_length)
+    metrics = ["accuracy"] + (["conflict_accuracy"] if "conflict" in columns else [])
+    metrics += ["nmi", "purity"] if category_column else []
+    attribute_names = None
+    if has_attributes:
+        width = len(dataset[0]["chosen_attributes"])
+        attribute_names = list(ATTRIBUTES) if width == len(ATTRIBUTES) else [f"attribute_{a}" for a in range(width)]
+        metrics += ["specialization", "steering"]
+        metrics += ["description_accuracy"] if attribute_names == list(ATTRIBUTES) else []
+    report = analysis_report(
+        scores,
+        dataset,
+        metrics=metrics,
+        attribute_names=attribute_names,
+        top_n_words=args.top_n_words,
+        category_column=category_column or "category",
+    )
+    descriptions = describe_experts(scores, dataset, top_n_words=args.top_n_words, attribute_names=attribute_names)
+    records = expert_records(scores.num_experts, descriptions, report["expert_load"])
+    report["descriptions"] = {str(record["expert"]): record["description"] for record in records}
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    figures = {}
+    if category_column:
+        matrix = report["routing_matrix"]
+        plot_routing_heatmap(matrix["matrix"], matrix["categories"], output_dir / ROUTING_HEATMAP_FILENAME)
+        figures["routing_heatmap"] = ROUTING_HEATMAP_FILENAME
+    if has_attributes:
+        plot_expert_attribute_heatmap(
+            report["expert_attribute_correlation"], attribute_names, output_dir / "expert_attribute.png"
+        )
+        figures["expert_attribute"] = "expert_attribute.png"
+    report.update({"model": args.model, "dataset": args.dataset, "split": split, "figures": figures})
+    report["category_column"] = category_column
+    atomic_write_text(output_dir / EXPERTS_FILENAME, experts_file_content(records, model.config.top_k))
+    atomic_write_text(output_dir / "report.json", json.dumps(report, indent=2, default=str) + "\n")
+    title = f"Analysis of {args.model} on {args.dataset} ({split}, {len(dataset)} pairs)"
+    markdown = _analysis_markdown(report, records, title, figures)
+    atomic_write_text(output_dir / "report.md", markdown)
+    print(markdown)
+    print(f"Wrote report.json, report.md, {EXPERTS_FILENAME} and {len(figures)} figure(s) to {output_dir}/")
+    return 0
+
+
+def _add_push(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "push",
+        help="Upload a trained model, its tokenizer, profiles, expert descriptions and a model card to the Hub.",
+        description=(
+            "Upload a saved MoE reward model to the Hugging Face Hub in one commit: the weights (safetensors), config "
+            "and code files (for trust_remote_code), the tokenizer, the users' profiles, experts.json and a generated "
+            "model card. Log in first with `hf auth login` (or set HF_TOKEN, or pass --token)."
+        ),
+    )
+    parser.add_argument("--model", required=True, help="Directory of a trained MoE reward model (from `save_model`).")
+    parser.add_argument("--repo_id", required=True, help="Target repository, `name` or `namespace/name`.")
+    parser.add_argument(
+        "--profiles",
+        default=None,
+        help="ProfileStore directory to upload as profiles/ (default: <model>/profiles when it exists).",
+    )
+    parser.add_argument(
+        "--analysis_dir",
+        default=None,
+        help="Output of `trl-moe-rm analyze`: its experts.json, routing_heatmap.png and metrics go into the card.",
+    )
+    parser.add_argument("--private", action="store_true", help="Create the repository as private.")
+    parser.add_argument("--token", default=None, help="Hub token with write access (default: `hf auth login`'s).")
+    parser.add_argument("--revision", default=None, help="Branch to push to (created if needed).")
+    parser.add_argument("--create_pr", action="store_true", help="Open a pull request instead of committing.")
+    parser.add_argument("--commit_message", default=None, help="Commit message.")
+    parser.add_argument("--dataset_name", default=None, help="Training dataset, for the model card's metadata.")
+    parser.add_argument("--base_model", default=None, help="Hub id of the backbone, for the model card's metadata.")
+    parser.set_defaults(func=_run_push)
+
+
+def _run_push(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .hub import push_moe_reward_model, resolve_token, validate_hub_repo_id
+    from .model_card import EXPERTS_FILENAME, ROUTING_HEATMAP_FILENAME
+
+    validate_hub_repo_id(args.repo_id)
+    token = resolve_token(args.token)  # fails before any work when the user is not logged in
+    model_dir = Path(args.model)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"--model {args.model!r} is not a directory: pass the folder written by `save_model`.")
+    profiles = args.profiles
+    if profiles is None and (model_dir / "profiles").is_dir():
+        profiles = model_dir / "profiles"
+    descriptions = heatmap = report = None
+    if args.analysis_dir is not None:
+        analysis = Path(args.analysis_dir)
+        if not analysis.is_dir():
+            raise FileNotFoundError(f"--analysis_dir {args.analysis_dir!r} is not a directory.")
+        if (analysis / EXPERTS_FILENAME).is_file():
+            descriptions = analysis / EXPERTS_FILENAME
+        if (analysis / ROUTING_HEATMAP_FILENAME).is_file():
+            heatmap = analysis / ROUTING_HEATMAP_FILENAME
+        if (analysis / "report.json").is_file():
+            report = json.loads((analysis / "report.json").read_text(encoding="utf-8"))
+    commit = push_moe_reward_model(
+        model_dir,
+        args.repo_id,
+        profiles=profiles,
+        descriptions=descriptions,
+        routing_heatmap=heatmap,
+        report=report,
+        token=token,
+        private=True if args.private else None,
+        commit_message=args.commit_message,
+        revision=args.revision,
+        create_pr=args.create_pr,
+        dataset_name=args.dataset_name,
+        base_model=args.base_model,
+    )
+    print(f"Pushed {args.model} to {getattr(commit, 'commit_url', None) or args.repo_id}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train"]:
@@ -185,6 +423,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_demo(subparsers)
     _add_personalize(subparsers)
     _add_score(subparsers)
+    _add_analyze(subparsers)
+    _add_push(subparsers)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -6,6 +6,7 @@ from typing import Any
 from trl import RewardConfig
 
 from .configuration_moe_reward import EXPERT_TYPES, POOLINGS, ROUTER_INPUTS
+from .init import EXPERT_INITS
 
 
 LOSS_TYPES = ("reward_mixture", "likelihood_mixture", "assignment")
@@ -48,6 +49,24 @@ class MoERewardConfig(RewardConfig):
             are unchanged, and the saved model is an ordinary `MoERewardModel`.
         feature_cache_dir (`str`, *optional*):
             Also keep the cached features on disk (safetensors), keyed by a hash of the backbone and the data.
+        expert_init (`str`, *optional*):
+            `"pca"`: before training, set the linear experts to `+v_1, -v_1, +v_2, -v_2, ...`, the principal directions
+            of the differences of the training pairs' (chosen - rejected) backbone features, each scaled so that the
+            expert's reward differences have unit root-mean-square (see [`~trl_moe_rm.init.pca_expert_init`]). It
+            reads the cached features with `cache_features=True`, else encodes up to 4,096 training pairs once. Use
+            it with `loss_type="assignment"` when the prompt does not reveal what a pair is judged on.
+
+        > Parameters of the per-user weights (seen users)
+
+        learn_user_weights (`bool`, *optional*, defaults to `False`):
+            When the training rows carry a `user_id`, learn one weight vector `w_u = softmax(theta_u)` over the experts
+            per training user, jointly with the model. The preference loss of a row of a known user uses `w_u` in place
+            of the routing: `r_u = sum_k w_uk r_k` (`"reward_mixture"`), `-log sum_k w_uk sigma(Delta_k)`
+            (`"likelihood_mixture"`), or `w_u` as the prior of the responsibilities, with `w_u` fitted to them by
+            cross-entropy (`"assignment"`). `trainer.export_user_profiles()` returns the users' profiles
+            (`method="joint"`), and `save_model` writes them to `<output_dir>/profiles/`. Single process only.
+        user_weights_learning_rate (`float`, *optional*):
+            Learning rate of the user weight logits. Defaults to `learning_rate`.
 
         > Parameters of the preference loss
 
@@ -103,6 +122,16 @@ class MoERewardConfig(RewardConfig):
     freeze_backbone: bool = field(default=False, metadata={"help": "Train only the router and the experts."})
     cache_features: bool = field(default=False, metadata={"help": "Encode the data once (needs freeze_backbone)."})
     feature_cache_dir: str | None = field(default=None, metadata={"help": "On-disk cache for the features."})
+    expert_init: str | None = field(
+        default=None,
+        metadata={"help": "Expert initialisation ('pca': principal directions of the pairs' feature differences)."},
+    )
+    learn_user_weights: bool = field(
+        default=False, metadata={"help": "Learn a weight vector over the experts per training user (`user_id`)."}
+    )
+    user_weights_learning_rate: float | None = field(
+        default=None, metadata={"help": "Learning rate of the user weights (default: learning_rate)."}
+    )
 
     loss_type: str = field(
         default="reward_mixture", metadata={"help": "Preference loss.", "choices": list(LOSS_TYPES)}
@@ -133,6 +162,16 @@ class MoERewardConfig(RewardConfig):
         ):
             if getattr(self, name) not in choices:
                 raise ValueError(f"`{name}` must be one of {list(choices)}, got {getattr(self, name)!r}.")
+        if self.expert_init is not None:
+            if self.expert_init not in EXPERT_INITS:
+                raise ValueError(f"`expert_init` must be None or one of {list(EXPERT_INITS)}, got {self.expert_init!r}.")
+            if self.expert_type != "linear":
+                raise ValueError(
+                    f"`expert_init={self.expert_init!r}` initialises linear experts; got `expert_type="
+                    f"{self.expert_type!r}`."
+                )
+        if self.user_weights_learning_rate is not None and self.user_weights_learning_rate <= 0:
+            raise ValueError(f"`user_weights_learning_rate` must be > 0, got {self.user_weights_learning_rate}.")
         if not 1 <= self.top_k <= self.num_experts:
             raise ValueError(
                 f"`top_k` must be between 1 and `num_experts` ({self.num_experts}), got {self.top_k}. Use "

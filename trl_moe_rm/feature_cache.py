@@ -8,10 +8,13 @@ from typing import Any
 import torch
 from datasets import Dataset
 from safetensors.torch import load_file, save
+from transformers.utils import logging
 
 from .io_utils import atomic_write_bytes
 from .modeling_moe_reward import MoERewardModel
 
+
+logger = logging.get_logger(__name__)
 
 FEATURE_KEYS = ("chosen_features", "rejected_features", "router_features")
 
@@ -84,7 +87,8 @@ def encode_preference_dataset(
             Where to run the backbone. Defaults to the model's device.
         cache_dir (`str`, *optional*):
             A directory for a safetensors cache keyed by [`features_fingerprint`]: a second run on the same backbone
-            and data loads instead of encoding.
+            and data loads instead of encoding. A corrupt or mismatched cache file is ignored (with a warning) and
+            rewritten.
 
     Returns:
         `dict` with `chosen_features`, `rejected_features` and `router_features`, each `(len(dataset), hidden_size)`.
@@ -94,7 +98,16 @@ def encode_preference_dataset(
         os.makedirs(cache_dir, exist_ok=True)
         path = os.path.join(cache_dir, f"features-{features_fingerprint(model, dataset)}.safetensors")
         if os.path.isfile(path):
-            return load_file(path)
+            try:
+                features = load_file(path)
+                if all(key in features and features[key].shape[0] == len(dataset) for key in FEATURE_KEYS):
+                    return features
+                problem = "it does not hold the features of this dataset"
+            except Exception as error:  # safetensors raises its own error types
+                problem = f"it cannot be read ({error})"
+            logger.warning(
+                f"Ignoring the feature cache {path!r}: {problem}. Encoding the data again and rewriting it."
+            )
     was_training = model.training
     model.eval()
     device = device or next(model.parameters()).device

@@ -7,6 +7,7 @@ This file only uses relative imports, torch and transformers, so that a saved mo
 `trust_remote_code=True` where `trl_moe_rm` is not installed.
 """
 
+import importlib
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -161,6 +162,12 @@ class MoERewardPreTrainedModel(PreTrainedModel):
             super()._init_weights(module)
 
 
+# Arguments of `PreTrainedModel.push_to_hub`, for the fallback of `MoERewardModel.push_to_hub` without trl_moe_rm.
+_STANDARD_PUSH_ARGUMENTS = frozenset(
+    {"commit_message", "commit_description", "private", "token", "revision", "create_pr", "max_shard_size", "tags"}
+)
+
+
 class MoERewardModel(MoERewardPreTrainedModel):
     r"""
     Sparse Mixture-of-Experts reward model: a backbone, a router and `num_experts` scalar expert heads.
@@ -219,6 +226,13 @@ class MoERewardModel(MoERewardPreTrainedModel):
         """
         if isinstance(backbone, (str, os.PathLike)):
             name_or_path = str(backbone)
+            if not name_or_path.strip():
+                raise ValueError("`backbone` is an empty string: pass a Hub model id or a local checkpoint folder.")
+            if name_or_path.startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(name_or_path)):
+                raise FileNotFoundError(
+                    f"Backbone path {name_or_path!r} does not exist: pass an existing checkpoint folder (config.json "
+                    "and weights) or a Hub model id."
+                )
             backbone = AutoModel.from_pretrained(backbone, **(model_init_kwargs or {}))
         elif isinstance(backbone, PreTrainedModel):
             name_or_path = backbone.config.name_or_path
@@ -234,6 +248,34 @@ class MoERewardModel(MoERewardPreTrainedModel):
         config.name_or_path = name_or_path
         model = cls(config, backbone=backbone)
         return model.to(next(backbone.parameters()).dtype)
+
+    def push_to_hub(self, repo_id: str, **kwargs) -> Any:
+        r"""
+        Upload the model to the Hugging Face Hub in one commit.
+
+        With `trl_moe_rm` installed, this is `trl_moe_rm.hub.push_moe_reward_model(self, repo_id, **kwargs)`: the
+        weights (safetensors), the config and the code files (for `trust_remote_code=True`), plus, when given, the
+        `tokenizer`, the users' `profiles`, the expert `descriptions`, `eval_results` and a `routing_heatmap`, and a
+        generated model card. Without `trl_moe_rm` (a model loaded with `trust_remote_code=True`), the standard
+        `transformers` upload is used (weights, config and code only).
+
+        Example:
+
+        ```python
+        >>> model.push_to_hub("your-name/qwen-moe-rm", tokenizer=tokenizer, profiles="my_profiles/")
+        ```
+        """
+        try:
+            hub = importlib.import_module("trl_moe_rm.hub")
+        except ImportError:
+            extras = sorted(set(kwargs) - _STANDARD_PUSH_ARGUMENTS)
+            if extras:
+                raise ImportError(
+                    f"push_to_hub({', '.join(extras)}=...) needs the trl_moe_rm package (`pip install trl_moe_rm`); "
+                    "without it only the model is uploaded."
+                ) from None
+            return super().push_to_hub(repo_id, **kwargs)
+        return hub.push_moe_reward_model(self, repo_id, **kwargs)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.backbone.get_input_embeddings()
@@ -337,6 +379,7 @@ class MoERewardModel(MoERewardPreTrainedModel):
         if input_ids is None and inputs_embeds is None:
             raise ValueError("MoERewardModel needs `input_ids` (or `inputs_embeds`, or precomputed features).")
         reference = input_ids if input_ids is not None else inputs_embeds[..., 0]
+        self._check_inputs(input_ids, reference.shape[-1])
         if attention_mask is None:
             attention_mask = torch.ones_like(reference, dtype=torch.long)
         if paired and reference.shape[0] % 2:
@@ -401,6 +444,39 @@ class MoERewardModel(MoERewardPreTrainedModel):
         mode = mode or getattr(profile, "mode", "static")
         beta = getattr(profile, "beta", 1.0) if beta is None else beta
         return MoEUserRewardModel(self, weights, mode=mode, beta=beta)
+
+    def _check_inputs(self, input_ids: torch.Tensor | None, length: int) -> None:
+        """
+        A clear error, instead of an index error deep inside the backbone (a device-side assert on GPU), for token ids
+        the backbone cannot embed (a tokenizer that does not match the model) and for sequences longer than its learned
+        absolute position embeddings. The id check reads two numbers back from the device.
+        """
+        if torch.compiler.is_compiling():
+            return
+        limit = getattr(self, "_position_limit", False)
+        if limit is False:  # computed once: the longest sequence learned absolute positions can take, or None
+            limit = None
+            for name, module in self.backbone.named_modules():
+                if isinstance(module, nn.Embedding) and name.rsplit(".", 1)[-1] in ("position_embeddings", "wpe"):
+                    limit = module.num_embeddings - (module.padding_idx + 1 if module.padding_idx is not None else 0)
+                    break
+            self._position_limit = limit
+        if limit is not None and length > limit:
+            raise ValueError(
+                f"The input has {length} tokens, but the backbone's position embeddings take at most {limit}. Truncate "
+                "or drop longer sequences (e.g. `max_length` of MoERewardConfig, score_pairs or PersonalizedReward)."
+            )
+        num_embeddings = getattr(self.get_input_embeddings(), "num_embeddings", None)
+        if input_ids is None or num_embeddings is None or input_ids.numel() == 0:
+            return
+        low, high = (int(value) for value in torch.aminmax(input_ids.detach()))
+        if low < 0 or high >= num_embeddings:
+            raise ValueError(
+                f"Token id {high if high >= num_embeddings else low} is outside the backbone's vocabulary (ids 0 to "
+                f"{num_embeddings - 1}): the tokenizer does not match the model. Use the tokenizer saved with the model "
+                "(or its backbone's); after adding tokens to a tokenizer, call `model.resize_token_embeddings(len("
+                "tokenizer))` before training."
+            )
 
     def _prompt_features(
         self,

@@ -1,7 +1,10 @@
 """[`MoERewardTrainer`]: TRL's `RewardTrainer` for sparse Mixture-of-Experts reward models."""
 
+import os
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,14 +19,19 @@ from trl.trainer.reward_trainer import DataCollatorForPreference
 
 from . import losses
 from .config import MoERewardConfig
+from .configuration_moe_reward import config_fingerprint
 from .feature_cache import FeatureBank, encode_preference_dataset
+from .init import apply_expert_init, pca_expert_init
 from .modeling_moe_reward import MoERewardModel
+from .profiles import PROFILES_DIRNAME, ProfileStore, UserProfile
 
 
 logger = logging.get_logger(__name__)
 
 PREFERENCE_COLUMNS = ("chosen", "rejected")
 TOKENIZED_COLUMNS = ("chosen_ids", "rejected_ids")
+# Without cached features, `expert_init="pca"` encodes at most this many (randomly chosen) training pairs.
+PCA_INIT_MAX_PAIRS = 4096
 
 
 @dataclass
@@ -209,6 +217,98 @@ class MoERewardTrainer(RewardTrainer):
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
             peft_config=peft_config,
         )
+        if args.should_save and not os.access(args.output_dir, os.W_OK | os.X_OK):
+            raise PermissionError(
+                f"`output_dir` {args.output_dir!r} is not writable, so no checkpoint or model could be saved: choose "
+                "a directory you can write to."
+            )
+        self.user_weight_logits: nn.Parameter | None = None
+        self._user_index: dict[Any, int] = {}
+        self._user_counts: dict[Any, int] = {}
+        if args.learn_user_weights:
+            self._init_user_weights(args)
+        if args.expert_init == "pca":
+            self._init_experts_from_pca(args)
+
+    # ------------------------------------------------------------------ user weights & expert initialisation
+    def _init_user_weights(self, args: MoERewardConfig) -> None:
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled or args.world_size > 1:
+            raise ValueError(
+                "`learn_user_weights=True` runs in a single process (the user weights live outside the model); turn "
+                "off DeepSpeed/FSDP/multi-process training, or fit the users after training with `fit_users`."
+            )
+        dataset = self.train_dataset
+        if not isinstance(dataset, Dataset) or "user_id" not in dataset.column_names:
+            raise ValueError(
+                "`learn_user_weights=True` needs a map-style train dataset with a `user_id` column (the user who "
+                "labelled each pair)."
+            )
+        user_ids = list(dataset["user_id"])
+        self._user_counts = dict(Counter(user_ids))
+        self._user_index = {user_id: index for index, user_id in enumerate(self._user_counts)}
+        num_experts = self._moe_config.num_experts
+        self.user_weight_logits = nn.Parameter(torch.zeros(len(self._user_index), num_experts, device=args.device))
+
+    def _init_experts_from_pca(self, args: MoERewardConfig) -> None:
+        dataset = self.train_dataset
+        if not isinstance(dataset, Dataset) or len(dataset) < 2:
+            raise ValueError("`expert_init='pca'` needs a map-style train dataset with at least 2 pairs.")
+        if self._feature_bank is not None and "feature_row" in dataset.column_names:
+            features = self.cached_features(dataset)
+        else:
+            if len(dataset) > PCA_INIT_MAX_PAIRS:
+                dataset = dataset.shuffle(seed=args.seed).select(range(PCA_INIT_MAX_PAIRS))
+            features = encode_preference_dataset(
+                self._moe_model,
+                dataset,
+                self._cache_collator,
+                batch_size=max(args.per_device_eval_batch_size, 32),
+                device=args.device,
+            )
+        weights = pca_expert_init(
+            features["chosen_features"], features["rejected_features"], self._moe_config.num_experts
+        )
+        apply_expert_init(self.model, weights)
+
+    def user_weights(self) -> dict[Any, list[float]]:
+        """The learned weights `w_u` (on the simplex) of every training user, with `learn_user_weights=True`."""
+        if self.user_weight_logits is None:
+            raise ValueError("No user weights: train with `learn_user_weights=True` on rows that carry a `user_id`.")
+        weights = torch.softmax(self.user_weight_logits.detach().float().cpu(), dim=-1)
+        return {user_id: weights[index].tolist() for user_id, index in self._user_index.items()}
+
+    def export_user_profiles(self, store: ProfileStore | None = None) -> dict[Any, UserProfile]:
+        """
+        The training users' learned weights as [`UserProfile`]s (`method="joint"`, static mode, `num_shots` = the
+        user's training pairs), written to `store` when given.
+        """
+        fingerprint = config_fingerprint(self._moe_config)
+        profiles = {
+            user_id: UserProfile(
+                user_id=user_id,
+                expert_weights=weights,
+                mode="static",
+                method="joint",
+                num_shots=self._user_counts[user_id],
+                config_hash=fingerprint,
+            )
+            for user_id, weights in self.user_weights().items()
+        }
+        if store is not None:
+            store.save_many(profiles.values())
+        return profiles
+
+    def _user_mixture(self, user_ids: list | None, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """`(weights (B, K), known (B,))` of the batch's rows whose user has learned weights; `None` if none has."""
+        if self.user_weight_logits is None or user_ids is None:
+            return None
+        indices = [self._user_index.get(user_id, -1) for user_id in user_ids]
+        known = torch.tensor([index >= 0 for index in indices], device=reference.device)
+        if not bool(known.any()):
+            return None
+        rows = torch.tensor([max(index, 0) for index in indices], device=self.user_weight_logits.device)
+        weights = torch.softmax(self.user_weight_logits[rows].float(), dim=-1).to(reference.device)
+        return weights, known
 
     # ------------------------------------------------------------------ data
     def _prepare_dataset(
@@ -221,6 +321,8 @@ class MoERewardTrainer(RewardTrainer):
         columns = list(next(iter(dataset)).keys()) if isinstance(dataset, IterableDataset) else dataset.column_names
         if "user_id" in columns and isinstance(dataset, Dataset):
             _check_user_ids(dataset)
+        if "margin" in columns and isinstance(dataset, Dataset):
+            _check_margins(dataset)
         if all(column in columns for column in TOKENIZED_COLUMNS):
             if "prompt_length" not in columns:
                 dataset = dataset.map(_prompt_length_from_common_prefix, **self._map_kwargs(dataset, args, dataset_name))
@@ -279,10 +381,23 @@ class MoERewardTrainer(RewardTrainer):
         kwargs = self._map_kwargs(dataset, args, dataset_name)
         if "desc" in kwargs:
             kwargs["desc"] = f"Filtering {dataset_name} >{args.max_length} tokens"
-        return dataset.filter(
+        filtered = dataset.filter(
             lambda example: max(len(example["chosen_ids"]), len(example["rejected_ids"])) <= args.max_length,
             **kwargs,
         )
+        if isinstance(dataset, Dataset) and len(filtered) < len(dataset):
+            dropped = len(dataset) - len(filtered)
+            if len(filtered) == 0:
+                raise ValueError(
+                    f"All {dropped} pairs of the {dataset_name} dataset are longer than `max_length={args.max_length}` "
+                    "tokens (prompt + response), so none is left. Raise `max_length` (or set it to None) or shorten "
+                    "the data."
+                )
+            logger.warning(
+                f"Dropped {dropped} of the {len(dataset)} pairs of the {dataset_name} dataset: longer than "
+                f"`max_length={args.max_length}` tokens."
+            )
+        return filtered
 
     def cached_features(self, dataset: Dataset) -> dict[str, torch.Tensor]:
         """
@@ -306,7 +421,7 @@ class MoERewardTrainer(RewardTrainer):
         args: MoERewardConfig = self.args
         inputs = dict(inputs)
         margin = inputs.pop("margin", None)
-        inputs.pop("user_ids", None)
+        user_ids = inputs.pop("user_ids", None)
         # The cosine diversity reads the expert weights, which DeepSpeed ZeRO-3 only gathers inside their forward.
         cosine_diversity = bool(args.diversity_coef) and args.diversity_type == "cosine"
         outputs = model(**inputs, return_expert_weights=True) if cosine_diversity else model(**inputs)
@@ -319,17 +434,32 @@ class MoERewardTrainer(RewardTrainer):
         routing_weights = outputs.routing_weights[:num_pairs]
         temperature = self._moe_config.router_temperature
         router_probs = torch.softmax(router_logits.float() / temperature, dim=-1)
+        # Rows of users with learned weights use them in place of the routing (static mode).
+        users = self._user_mixture(user_ids, expert_deltas)
 
         terms: dict[str, torch.Tensor] = {}
         if args.loss_type == "reward_mixture":
-            terms["preference_loss"] = losses.bradley_terry_loss(rewards_chosen, rewards_rejected, margin)
+            if users is None:
+                terms["preference_loss"] = losses.bradley_terry_loss(rewards_chosen, rewards_rejected, margin)
+            else:
+                user_weights, known = users
+                user_deltas = (user_weights * expert_deltas.float()).sum(dim=-1)
+                deltas = torch.where(known, user_deltas, (rewards_chosen - rewards_rejected).float())
+                terms["preference_loss"] = losses.bradley_terry_loss(deltas, torch.zeros_like(deltas), margin)
         elif args.loss_type == "likelihood_mixture":
-            terms["preference_loss"] = losses.likelihood_mixture_loss(routing_weights, expert_deltas, margin)
+            mixture = routing_weights if users is None else torch.where(users[1][:, None], users[0], routing_weights)
+            terms["preference_loss"] = losses.likelihood_mixture_loss(mixture, expert_deltas, margin)
         else:
             shifted = expert_deltas if margin is None else expert_deltas - margin[:, None]
+            prior = router_probs if users is None else torch.where(users[1][:, None], users[0], router_probs)
             responsibilities = losses.assignment_responsibilities(
-                router_probs, shifted, args.assignment_temperature, args.assignment_top_k
+                prior, shifted, args.assignment_temperature, args.assignment_top_k
             )
+            if users is not None:
+                # M-step of the users' mixing weights: cross-entropy against their rows' responsibilities.
+                user_weights, known = users
+                cross_entropy = -(responsibilities.detach() * torch.log(user_weights.clamp_min(1e-12))).sum(dim=-1)
+                terms["user_assignment_loss"] = (cross_entropy * known).sum() / known.sum()
             terms["preference_loss"] = losses.assignment_expert_loss(responsibilities, shifted)
             terms["assignment_balance_loss"] = args.assignment_balance_coef * losses.entropy_balance_loss(
                 responsibilities
@@ -361,7 +491,7 @@ class MoERewardTrainer(RewardTrainer):
 
         if mode == "train":
             num_tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
-            self._total_train_tokens += num_tokens // getattr(self, "_tp_size", 1)  # trl < 1.10 has no tensor parallelism
+            self._total_train_tokens += num_tokens // getattr(self, "_tp_size", 1)  # older trl releases have no `_tp_size`
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
         with torch.no_grad():
             self._log_metrics(
@@ -443,14 +573,62 @@ class MoERewardTrainer(RewardTrainer):
     # ------------------------------------------------------------------ saving
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         super()._save(output_dir, state_dict=state_dict)
+        if self.user_weight_logits is not None and self.args.should_save:
+            # The learned users travel with the model: `ProfileStore.from_pretrained(output_dir)` reopens them.
+            directory = Path(output_dir if output_dir is not None else self.args.output_dir) / PROFILES_DIRNAME
+            self.export_user_profiles(ProfileStore(directory))
         if is_peft_model(self.model) and self.args.should_save:
             # A PEFT adapter folder does not describe the MoE head (number of experts, routing): save its config too,
             # so that the adapter reloads on its own (`trl_moe_rm.checkpoints.load_moe_reward_model`).
             _unwrap(self.model).config.save_pretrained(output_dir if output_dir is not None else self.args.output_dir)
 
+    def push_to_hub(
+        self,
+        commit_message: str | None = "End of training",
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        private: bool | None = None,
+        profiles: Any = None,
+        descriptions: Any = None,
+        **kwargs,
+    ):
+        r"""
+        Upload the trained model to `args.hub_model_id` (default: the name of `output_dir`) in one commit, with its
+        tokenizer, the users' `profiles` ([`ProfileStore`] or path; default: `<output_dir>/profiles/` when
+        `save_model` wrote one), the expert `descriptions` (`experts.json`), the per-expert load and the last
+        evaluation metrics, the code files for `trust_remote_code`, and a generated model card. See
+        [`~trl_moe_rm.hub.push_trainer_to_hub`]; `kwargs` takes `eval_results`, `routing_heatmap`, `dataset_name`,
+        `model_name`, `tags` and the other arguments of [`~trl_moe_rm.hub.push_moe_reward_model`].
+        """
+        from .hub import push_trainer_to_hub
+
+        return push_trainer_to_hub(
+            self,
+            commit_message=commit_message,
+            blocking=blocking,
+            token=token,
+            revision=revision,
+            private=private,
+            profiles=profiles,
+            descriptions=descriptions,
+            **kwargs,
+        )
+
     # ------------------------------------------------------------------ optimizer
     def create_optimizer(self, model=None):
-        """Use `router_learning_rate` for the router parameters when it is set."""
+        """
+        Use `router_learning_rate` for the router parameters when it is set, and add the user weight logits (with
+        `learn_user_weights=True`) as their own parameter group.
+        """
+        optimizer = self._create_model_optimizer(model)
+        logits = getattr(self, "user_weight_logits", None)
+        if logits is not None and not any(p is logits for group in optimizer.param_groups for p in group["params"]):
+            learning_rate = self.args.user_weights_learning_rate or self.args.learning_rate
+            optimizer.add_param_group({"params": [logits], "lr": learning_rate, "weight_decay": 0.0})
+        return optimizer
+
+    def _create_model_optimizer(self, model=None):
         if self.optimizer is not None or self.args.router_learning_rate is None:
             return super().create_optimizer(model) if model is not None else super().create_optimizer()
         model = model or self.model
@@ -479,12 +657,31 @@ def _check_user_ids(dataset: Dataset) -> None:
         raise ValueError("The `user_id` column contains missing values (None). Every row needs a user id.")
 
 
+def _check_margins(dataset: Dataset) -> None:
+    feature = dataset.features["margin"]
+    dtype = getattr(feature, "dtype", None)
+    if not (isinstance(dtype, str) and dtype.startswith(("float", "int", "uint"))):
+        raise ValueError(
+            f"The `margin` column has type {feature}; a margin is a number (the reward gap a pair requires). Convert "
+            "it, e.g. `dataset.cast_column('margin', datasets.Value('float32'))`."
+        )
+    if any(margin is None for margin in dataset["margin"]):
+        raise ValueError("The `margin` column contains missing values (None); give every pair a margin (e.g. 0.0).")
+
+
 def _prompt_length_from_common_prefix(example: dict[str, Any]) -> dict[str, int]:
     return {"prompt_length": _common_prefix_length(example["chosen_ids"], example["rejected_ids"])}
 
 
 def _tokenize_preference(example: dict[str, Any], processing_class: PreTrainedTokenizerBase) -> dict[str, Any]:
     """Tokenize prompt and responses separately, so that both rows of a pair start with the same prompt tokens."""
+    for column in ("prompt", "chosen", "rejected"):
+        if column in example and not isinstance(example[column], (str, list)):
+            raise ValueError(
+                f"`{column}` must be a string (or a list of chat messages), got {type(example[column]).__name__} "
+                f"({example[column]!r:.80}). Convert the column to text, e.g. `dataset.cast_column('{column}', "
+                "datasets.Value('string'))`."
+            )
     for column in ("chosen", "rejected"):
         text = example[column]
         content = text if isinstance(text, str) else " ".join(str(m.get("content", "")) for m in text)

@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict, load_dataset, load_from_disk
+from datasets.exceptions import DatasetGenerationError
 
 
 LOCAL_SUFFIXES: dict[str, str] = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -136,7 +137,13 @@ def _load_local(path: Path, streaming: bool) -> DatasetDict | IterableDatasetDic
             raise ValueError(
                 f"Cannot read {str(path)!r}: local datasets must be {', '.join(sorted(LOCAL_SUFFIXES))} files."
             )
-        return load_dataset(builder, data_files={"train": str(path)}, streaming=streaming)
+        try:
+            return load_dataset(builder, data_files={"train": str(path)}, streaming=streaming)
+        except DatasetGenerationError as error:
+            raise ValueError(
+                f"Cannot read {str(path)!r}: {error.__cause__ or error}. The file is corrupt or not {builder} (a "
+                "`.jsonl` file holds one JSON object per line)."
+            ) from error
     if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
         dataset = load_from_disk(str(path))
         if isinstance(dataset, Dataset):

@@ -1,0 +1,814 @@
+r"""
+Few-shot personalization benchmark: k-shot accuracy curves of the sparse MoE (three fitting methods), the dense MoE,
+DRMs (PCA heads + HyRe), the single Bradley-Terry head and a per-user oracle, on the same frozen backbone features.
+
+Datasets:
+
+- `controlled`: simulated users (`make_users`, Dirichlet mixtures of the six controlled preference directions), each
+  labelling random prompts ([`make_user_pairs`]): the prompt does not reveal the user.
+- `dsp`: DSP with each domain as a user (domain-vs-domain pairs, split by query, `normal` excluded); needs the data
+  (`--data_dir` or `$TRL_MOE_RM_DATA`), otherwise it is skipped with a message.
+
+Every (prompt, response) text is encoded once with the frozen backbone (all-MiniLM-L6-v2 by default, mean pooling) and
+cached on disk (`--cache_dir`, default `$TMPDIR/trl_moe_rm_bench`); the MoE heads are trained by [`MoERewardTrainer`]
+on those cached features (`freeze_backbone=True, cache_features=True`), so the whole run takes minutes on a CPU.
+
+For each user and each `k` in `--ks`, `--num_draws` random sets of `k` shots are drawn from the user's training pairs;
+each method is adapted on the shots and scored on all of the user's held-out pairs. The table reports, per `k`, the
+mean over draws of the users' mean accuracy and its 95% Student-t interval over the draws ([`mean_ci`]).
+
+Usage:
+
+```bash
+python benchmarks/personalization.py --datasets controlled dsp --output_dir /tmp/personalization_bench
+python benchmarks/personalization.py --speed_only
+```
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import Dataset
+from safetensors.torch import load_file, save_file
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # run as a script from a checkout
+    sys.path.insert(0, str(REPO_ROOT))
+
+from trl_moe_rm.analysis import PairScores, scores_from_features  # noqa: E402
+from trl_moe_rm.baselines import DecomposedRewardHeads, fit_bradley_terry_head  # noqa: E402
+from trl_moe_rm.stats import mean_ci  # noqa: E402
+
+
+DEFAULT_KS = (1, 2, 4, 8, 16, 32)
+FEATURE_KEYS = ("chosen_features", "rejected_features", "router_features")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Features
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def default_cache_dir() -> Path:
+    """Where encoded features go: `$TRL_MOE_RM_CACHE`, else `<tmp>/trl_moe_rm_bench` (never the repository)."""
+    return Path(os.environ.get("TRL_MOE_RM_CACHE") or Path(tempfile.gettempdir()) / "trl_moe_rm_bench")
+
+
+@dataclass
+class PairSet:
+    r"""
+    Preference pairs of several users with their backbone features.
+
+    Args:
+        user_index (`np.ndarray` of shape `(n,)`):
+            Index of each pair's user in `users`.
+        features (`dict[str, torch.Tensor]`):
+            `chosen_features`, `rejected_features` and `router_features`, each `(n, H)`.
+        tokens (`dict[str, list]`, *optional*):
+            `chosen_ids`, `rejected_ids`, `prompt_length` as the trainer tokenizes them (only needed to train on them).
+    """
+
+    user_index: np.ndarray
+    features: dict[str, torch.Tensor]
+    tokens: dict[str, list] | None = None
+
+    def __len__(self) -> int:
+        return len(self.user_index)
+
+    def select(self, rows: np.ndarray) -> PairSet:
+        rows = np.asarray(rows)
+        tokens = None
+        if self.tokens is not None:
+            tokens = {key: [values[row] for row in rows] for key, values in self.tokens.items()}
+        return PairSet(self.user_index[rows], {key: value[rows] for key, value in self.features.items()}, tokens)
+
+    def rows_of(self, user: int) -> np.ndarray:
+        return np.flatnonzero(self.user_index == user)
+
+
+@dataclass
+class Benchmark:
+    """A dataset of the benchmark: its users and their train / held-out pairs."""
+
+    name: str
+    users: list[str]
+    train: PairSet
+    test: PairSet
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _truncate(ids: list[int], max_length: int) -> list[int]:
+    return ids[:max_length]
+
+
+def tokenize_sequences(tokenizer, prompts: Sequence[str], responses: Sequence[str], max_length: int = 512):
+    """Token ids and prompt lengths of (prompt, response) texts, exactly as [`MoERewardTrainer`] tokenizes them."""
+    from trl_moe_rm.trainer import _tokenize_preference
+
+    ids, prompt_lengths = [], []
+    for prompt, response in zip(prompts, responses):
+        example = _tokenize_preference({"prompt": prompt, "chosen": response, "rejected": response}, tokenizer)
+        ids.append(_truncate(example["chosen_ids"], max_length))
+        prompt_lengths.append(min(example["prompt_length"], max_length))
+    return ids, prompt_lengths
+
+
+@torch.inference_mode()
+def encode_sequences(model, ids: list[list[int]], prompt_lengths: list[int], pad_token_id: int, batch_size: int = 32):
+    """`(sequence_features, router_features)` of token sequences with the model's (frozen) backbone, by length."""
+    order = np.argsort([-len(row) for row in ids], kind="stable")
+    hidden = model.config.hidden_size
+    sequence = torch.zeros(len(ids), hidden)
+    router = torch.zeros(len(ids), hidden)
+    model.eval()
+    for start in range(0, len(ids), batch_size):
+        rows = order[start : start + batch_size]
+        width = max(len(ids[row]) for row in rows)
+        input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for position, row in enumerate(rows):
+            input_ids[position, : len(ids[row])] = torch.tensor(ids[row])
+            attention_mask[position, : len(ids[row])] = 1
+        lengths = torch.tensor([prompt_lengths[row] for row in rows])
+        seq, rout = model.encode(input_ids=input_ids, attention_mask=attention_mask, prompt_lengths=lengths)
+        sequence[torch.as_tensor(rows)] = seq.float()
+        router[torch.as_tensor(rows)] = rout.float()
+    return sequence, router
+
+
+def _backbone_key(model) -> str:
+    digest = hashlib.sha256()
+    digest.update(str(model.config.name_or_path).encode())
+    for name, param in model.backbone.state_dict().items():
+        digest.update(name.encode())
+        digest.update(param.detach().float().flatten()[:512].numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def encode_texts(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    cache_dir: Path,
+    tag: str,
+    max_length: int = 512,
+) -> tuple[torch.Tensor, torch.Tensor, list[list[int]], list[int]]:
+    """Encode unique (prompt, response) texts once, with an on-disk cache keyed by the backbone and the texts."""
+    ids, prompt_lengths = tokenize_sequences(tokenizer, prompts, responses, max_length)
+    digest = hashlib.sha256(json.dumps([ids, prompt_lengths]).encode()).hexdigest()[:16]
+    path = cache_dir / f"{tag}-{_backbone_key(model)}-{digest}.safetensors"
+    if path.is_file():
+        tensors = load_file(str(path))
+        return tensors["sequence"], tensors["router"], ids, prompt_lengths
+    start = time.perf_counter()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    sequence, router = encode_sequences(model, ids, prompt_lengths, pad)
+    print(f"[encode] {tag}: {len(ids)} sequences in {time.perf_counter() - start:.0f} s", flush=True)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    save_file({"sequence": sequence, "router": router}, str(path))
+    return sequence, router, ids, prompt_lengths
+
+
+def pairs_from_texts(
+    model, tokenizer, prompts, chosen, rejected, user_index, cache_dir: Path, tag: str, max_length: int = 512
+) -> PairSet:
+    """A [`PairSet`] whose texts are encoded once each (a response shared by several pairs is encoded once)."""
+    keys: dict[tuple[str, str], int] = {}
+    for prompt, response in zip(list(prompts) * 2, list(chosen) + list(rejected)):
+        keys.setdefault((prompt, response), len(keys))
+    unique = list(keys)
+    sequence, router, ids, prompt_lengths = encode_texts(
+        model, tokenizer, [p for p, _ in unique], [r for _, r in unique], cache_dir, tag, max_length
+    )
+    chosen_rows = [keys[(p, r)] for p, r in zip(prompts, chosen)]
+    rejected_rows = [keys[(p, r)] for p, r in zip(prompts, rejected)]
+    features = {
+        "chosen_features": sequence[chosen_rows],
+        "rejected_features": sequence[rejected_rows],
+        "router_features": router[chosen_rows],
+    }
+    tokens = {
+        "chosen_ids": [ids[row] for row in chosen_rows],
+        "rejected_ids": [ids[row] for row in rejected_rows],
+        "prompt_length": [prompt_lengths[row] for row in chosen_rows],
+    }
+    return PairSet(np.asarray(user_index), features, tokens)
+
+
+def load_backbone(backbone: str | None = None):
+    """The frozen backbone wrapped as a MoE model (only its `encode` is used here) and its tokenizer."""
+    from transformers import AutoTokenizer
+
+    from trl_moe_rm import MoERewardModel
+    from trl_moe_rm.demo import minilm_path
+
+    path = backbone or minilm_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = MoERewardModel.from_backbone(path, num_experts=2, top_k=1)
+    model.config.name_or_path = path
+    return model.eval(), tokenizer
+
+
+def build_dsp(model, tokenizer, data_dir: str | None, cache_dir: Path, test_size: float = 0.2, seed: int = 0):
+    """DSP, one user per domain, split by query. Returns `None` (with a message) when the data is missing."""
+    from trl_moe_rm.data.dsp import DSP_DOMAINS, DSPNotFoundError, load_dsp_pairs, split_dsp_by_query
+
+    try:
+        pairs = load_dsp_pairs(data_dir)
+    except DSPNotFoundError as error:
+        print(f"[dsp] skipped: {error}", flush=True)
+        return None
+    split = split_dsp_by_query(pairs, test_size=test_size, seed=seed)
+    users = list(DSP_DOMAINS)
+    sets = {}
+    for name in ("train", "test"):
+        part = split[name]
+        user_index = [users.index(user) for user in part["user_id"]]
+        sets[name] = pairs_from_texts(
+            model, tokenizer, part["prompt"], part["chosen"], part["rejected"], user_index, cache_dir, "dsp"
+        )
+    info = {
+        "num_queries": len(set(pairs["query_id"])),
+        "num_train_queries": len(set(split["train"]["query_id"])),
+        "num_test_queries": len(set(split["test"]["query_id"])),
+        "num_train_pairs": len(split["train"]),
+        "num_test_pairs": len(split["test"]),
+        "split_seed": seed,
+    }
+    return Benchmark("dsp", users, sets["train"], sets["test"], info)
+
+
+def build_controlled(
+    model,
+    tokenizer,
+    cache_dir: Path,
+    num_users: int = 16,
+    train_pairs: int = 160,
+    test_pairs: int = 80,
+    alpha: float = 0.3,
+    seed: int = 0,
+):
+    """Simulated users (`make_users`): each labels its own random prompts; held-out pairs use another seed."""
+    from trl_moe_rm.data.controlled import make_user_pairs, make_users
+
+    users = make_users(num_users, alpha=alpha, seed=seed)
+    sets = {}
+    for name, size, offset in (("train", train_pairs, 0), ("test", test_pairs, 10_000)):
+        prompts, chosen, rejected, user_index = [], [], [], []
+        for index, user in enumerate(users):
+            rows = make_user_pairs(user, size, seed=seed * 100_003 + offset + index)
+            prompts += rows["prompt"]
+            chosen += rows["chosen"]
+            rejected += rows["rejected"]
+            user_index += [index] * size
+        sets[name] = pairs_from_texts(model, tokenizer, prompts, chosen, rejected, user_index, cache_dir, "controlled")
+    info = {
+        "num_users": num_users,
+        "alpha": alpha,
+        "train_pairs_per_user": train_pairs,
+        "test_pairs_per_user": test_pairs,
+        "user_weights": {user.user_id: user.direction_weights for user in users},
+    }
+    return Benchmark("controlled", [user.user_id for user in users], sets["train"], sets["test"], info)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# k-shot evaluation (the core of the benchmark)
+# ----------------------------------------------------------------------------------------------------------------------
+
+# `fit(users, shot_rows) -> weights`: `users` (B,) user indices, `shot_rows` (B, k) indices into each user's training
+# pairs; returns (B, K) weights over the method's heads.
+Fitter = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def kshot_curves(
+    num_train: Sequence[int],
+    test_deltas: Sequence[np.ndarray],
+    fit: Fitter,
+    ks: Sequence[int] = DEFAULT_KS,
+    num_draws: int = 20,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    r"""
+    k-shot accuracy curve of one adaptation method.
+
+    For every `k`, each user gets `num_draws` random sets of `k` distinct shots among its training pairs (the same
+    draws for every method with the same `seed`); all `users x draws` fits are done in one batched call of `fit`, and
+    each fit is scored on all of that user's held-out pairs.
+
+    Args:
+        num_train (sequence of `int`):
+            Number of training pairs of each user.
+        test_deltas (sequence of `np.ndarray` of shape `(m_u, K)`):
+            Per-head reward differences of each user's held-out pairs.
+        fit (`Callable`):
+            `fit(users (B,), shot_rows (B, k)) -> weights (B, K)`.
+        ks (sequence of `int`):
+            Shot counts; a `k` larger than a user's training pairs skips that user.
+        num_draws (`int`, *optional*, defaults to `20`):
+            Random shot sets per user and `k`.
+        seed (`int`, *optional*, defaults to `0`):
+            Seed of the shot draws.
+
+    Returns:
+        `list[dict]`, one per `k`: `k`, `mean`, `low`, `high` (the mean over draws of the users' mean accuracy and its
+        95% interval over the draws, [`mean_ci`]), `per_user` (each user's mean accuracy over draws).
+    """
+    results = []
+    for k in ks:
+        rng = np.random.default_rng([seed, k])
+        users = [user for user, count in enumerate(num_train) if count >= k]
+        if not users:
+            continue
+        batch_users = np.repeat(np.asarray(users), num_draws)
+        shot_rows = np.stack([rng.choice(num_train[user], size=k, replace=False) for user in batch_users])
+        weights = np.asarray(fit(batch_users, shot_rows), dtype=np.float64)
+        accuracy = np.zeros((len(users), num_draws))
+        for position, user in enumerate(users):
+            block = weights[position * num_draws : (position + 1) * num_draws]  # (D, K)
+            accuracy[position] = ((test_deltas[user] @ block.T) > 0).mean(axis=0)
+        mean, low, high = mean_ci(accuracy.mean(axis=0))
+        results.append(
+            {"k": int(k), "mean": mean, "low": low, "high": high, "per_user": accuracy.mean(axis=1).tolist()}
+        )
+    return results
+
+
+def constant_accuracy(correct_by_user: Sequence[np.ndarray]) -> dict[str, Any]:
+    """Accuracy of an unadapted method: mean over all held-out pairs, with its 95% interval over the pairs."""
+    mean, low, high = mean_ci(np.concatenate([np.asarray(c, dtype=np.float64) for c in correct_by_user]))
+    return {"mean": mean, "low": low, "high": high, "per_user": [float(np.mean(c)) for c in correct_by_user]}
+
+
+def moe_fitter(model, train_scores: PairScores, rows_by_user: Sequence[np.ndarray], method: str, **kwargs) -> Fitter:
+    """Adapt a trained MoE with the product API: [`fit_users`] on precomputed expert scores (one pseudo-user per draw)."""
+    from trl_moe_rm import fit_users
+
+    def fit(users: np.ndarray, shot_rows: np.ndarray) -> np.ndarray:
+        rows = np.stack([rows_by_user[user][shots] for user, shots in zip(users, shot_rows)])  # (B, k) global rows
+        batch, k = rows.shape
+        owners = np.repeat(np.arange(batch), k).tolist()
+        blanks = [""] * (batch * k)
+        profiles = fit_users(
+            model,
+            {"chosen": blanks, "rejected": blanks, "user_id": owners},
+            method=method,
+            scores=train_scores.select(rows.reshape(-1)),
+            **kwargs,
+        )
+        return np.asarray([profiles[index].expert_weights for index in range(batch)])
+
+    return fit
+
+
+def drm_fitter(train_deltas: np.ndarray, rows_by_user: Sequence[np.ndarray], temperature: float = 1.0) -> Fitter:
+    """Adapt DRM heads with HyRe on the shots."""
+
+    def fit(users: np.ndarray, shot_rows: np.ndarray) -> np.ndarray:
+        rows = np.stack([rows_by_user[user][shots] for user, shots in zip(users, shot_rows)])
+        deltas = torch.from_numpy(train_deltas[rows])  # (B, k, K)
+        from trl_moe_rm.fitting import fit_hyre
+
+        return fit_hyre(deltas, temperature=temperature).double().numpy()
+
+    return fit
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training the MoE heads on cached features
+# ----------------------------------------------------------------------------------------------------------------------
+
+# The MoE variants compared (K experts each); everything else (data, backbone, budget, seed) is shared.
+MOE_VARIANTS: dict[str, dict[str, Any]] = {
+    "dense": {"top_k": "K", "loss_type": "likelihood_mixture", "balance_coef": 0.0},
+    "sparse": {
+        "top_k": 2,
+        "balance_coef": 0.1,
+        "balance_type": "entropy",
+        "sparsity_coef": 0.001,
+        "diversity_coef": 0.1,
+        "diversity_type": "cosine",
+    },
+    "sparse_assign": {"top_k": 2, "loss_type": "assignment", "assignment_temperature": 0.5, "balance_coef": 0.0},
+    "sparse_assign_pca": {
+        "top_k": 2,
+        "loss_type": "assignment",
+        "assignment_temperature": 0.5,
+        "balance_coef": 0.0,
+        "expert_init": "pca",
+    },
+    "sparse_assign_pca_corr": {
+        "top_k": 2,
+        "loss_type": "assignment",
+        "assignment_temperature": 0.5,
+        "balance_coef": 0.0,
+        "expert_init": "pca",
+        "diversity_coef": 0.1,
+        "diversity_type": "correlation",
+    },
+    "sparse_pca": {
+        "top_k": 2,
+        "balance_coef": 0.1,
+        "balance_type": "entropy",
+        "sparsity_coef": 0.001,
+        "expert_init": "pca",
+    },
+}
+
+
+def _write_feature_cache(model, dataset: Dataset, features: dict[str, torch.Tensor], cache_dir: Path) -> None:
+    """Pre-fill the trainer's on-disk feature cache (keyed by [`features_fingerprint`]) with features encoded here."""
+    from trl_moe_rm.feature_cache import features_fingerprint
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    path = cache_dir / f"features-{features_fingerprint(model, dataset)}.safetensors"
+    if not path.is_file():
+        save_file({key: features[key].contiguous() for key in FEATURE_KEYS}, str(path))
+
+
+def train_moe(
+    train: PairSet,
+    users: Sequence[str],
+    settings: dict[str, Any],
+    backbone: str,
+    tokenizer,
+    output_dir: Path,
+    num_experts: int = 8,
+    num_train_epochs: float = 6,
+    learning_rate: float = 1e-2,
+    batch_size: int = 64,
+    seed: int = 0,
+    learn_user_weights: bool = False,
+):
+    """Train a MoE head with [`MoERewardTrainer`] (frozen backbone, cached features) on the pooled training pairs."""
+    from transformers import PrinterCallback, set_seed
+
+    from trl_moe_rm import MoERewardConfig, MoERewardModel, MoERewardTrainer
+
+    settings = dict(settings)
+    top_k = num_experts if settings.get("top_k") == "K" else settings.pop("top_k", 2)
+    settings.pop("top_k", None)
+    set_seed(seed)
+    model = MoERewardModel.from_backbone(backbone, num_experts=num_experts, top_k=top_k)
+    dataset = Dataset.from_dict({**train.tokens, "user_id": [users[index] for index in train.user_index]})
+    cache_dir = output_dir / "feature_cache"
+    _write_feature_cache(model, dataset, train.features, cache_dir)
+    args = MoERewardConfig(
+        output_dir=str(output_dir / "runs"),
+        num_train_epochs=num_train_epochs,
+        learning_rate=learning_rate,
+        per_device_train_batch_size=batch_size,
+        seed=seed,
+        data_seed=seed,
+        logging_steps=50,
+        save_strategy="no",
+        report_to="none",
+        bf16=False,
+        use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=True,
+        max_length=None,
+        num_experts=num_experts,
+        top_k=top_k,
+        freeze_backbone=True,
+        cache_features=True,
+        feature_cache_dir=str(cache_dir),
+        learn_user_weights=learn_user_weights,
+        **settings,
+    )
+    trainer = MoERewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    trainer.remove_callback(PrinterCallback)
+    trainer.train()
+    return trainer
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Running the comparison
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _rows_by_user(pairs: PairSet, num_users: int) -> list[np.ndarray]:
+    return [pairs.rows_of(user) for user in range(num_users)]
+
+
+def evaluate_benchmark(
+    bench: Benchmark,
+    backbone: str,
+    tokenizer,
+    output_dir: Path,
+    variants: Sequence[str],
+    methods: Sequence[str] = ("hedge", "hyre", "gradient"),
+    ks: Sequence[int] = DEFAULT_KS,
+    num_draws: int = 20,
+    num_experts: int = 8,
+    num_train_epochs: float = 6,
+    seed: int = 0,
+    priors: Sequence[str] = ("routing",),
+) -> dict[str, Any]:
+    """All methods on one dataset: returns `{"curves": {method: [...]}, "constant": {...}, "timings": {...}}`."""
+    num_users = len(bench.users)
+    train_rows = _rows_by_user(bench.train, num_users)
+    test_rows = _rows_by_user(bench.test, num_users)
+    num_train = [len(rows) for rows in train_rows]
+    curves: dict[str, list[dict[str, Any]]] = {}
+    constant: dict[str, dict[str, Any]] = {}
+    timings: dict[str, float] = {}
+    extra: dict[str, Any] = {}
+
+    def features(pairs: PairSet, rows=None) -> tuple[torch.Tensor, torch.Tensor]:
+        chosen, rejected = pairs.features["chosen_features"], pairs.features["rejected_features"]
+        return (chosen, rejected) if rows is None else (chosen[rows], rejected[rows])
+
+    # Single Bradley-Terry head on everybody's pairs (unadapted), and each user's oracle.
+    start = time.perf_counter()
+    head = fit_bradley_terry_head(*features(bench.train))
+    test_diff = (features(bench.test)[0] - features(bench.test)[1]).double()
+    constant["single_head"] = constant_accuracy([(test_diff[rows] @ head > 0).numpy() for rows in test_rows])
+    oracle_correct = []
+    for user in range(num_users):
+        user_head = fit_bradley_terry_head(*features(bench.train, train_rows[user]))
+        oracle_correct.append((test_diff[test_rows[user]] @ user_head > 0).numpy())
+    constant["oracle"] = constant_accuracy(oracle_correct)
+    timings["single_and_oracle_s"] = time.perf_counter() - start
+
+    # DRM: K principal directions of the training differences as heads, HyRe on the shots.
+    start = time.perf_counter()
+    drm = DecomposedRewardHeads.fit(*features(bench.train), num_heads=num_experts)
+    drm_train = drm.deltas(*features(bench.train))
+    drm_test = drm.deltas(*features(bench.test))
+    curves["drm_hyre"] = kshot_curves(
+        num_train, [drm_test[rows] for rows in test_rows], drm_fitter(drm_train, train_rows), ks, num_draws, seed
+    )
+    timings["drm_s"] = time.perf_counter() - start
+
+    for variant in variants:
+        start = time.perf_counter()
+        trainer = train_moe(
+            bench.train,
+            bench.users,
+            MOE_VARIANTS[variant],
+            backbone,
+            tokenizer,
+            output_dir / variant,
+            num_experts=num_experts,
+            num_train_epochs=num_train_epochs,
+            seed=seed,
+        )
+        timings[f"{variant}_train_s"] = time.perf_counter() - start
+        model = trainer.model.eval()
+        train_scores = scores_from_features(model, bench.train.features)
+        test_scores = scores_from_features(model, bench.test.features)
+        test_deltas = [test_scores.expert_deltas[rows] for rows in test_rows]
+        constant[f"{variant}_unadapted"] = constant_accuracy(
+            [test_scores.reward_deltas[rows] > 0 for rows in test_rows]
+        )
+        extra[f"{variant}_expert_accuracy_by_user"] = [
+            (test_scores.expert_deltas[rows] > 0).mean(axis=0).round(3).tolist() for rows in test_rows
+        ]
+        for method in methods:
+            for prior in priors:
+                name = f"{variant}_{method}" + ("" if prior == "routing" else f"_{prior}")
+                start = time.perf_counter()
+                curves[name] = kshot_curves(
+                    num_train,
+                    test_deltas,
+                    moe_fitter(model, train_scores, train_rows, method, prior=prior),
+                    ks,
+                    num_draws,
+                    seed,
+                )
+                timings[f"{name}_fit_s"] = time.perf_counter() - start
+        print(f"[{bench.name}] {variant}: " + _summary(curves, constant, variant), flush=True)
+    return {"curves": curves, "constant": constant, "timings": timings, "extra": extra}
+
+
+def _summary(curves, constant, variant: str, k: int = 8) -> str:
+    parts = [f"unadapted {constant[f'{variant}_unadapted']['mean']:.3f}"]
+    for name, curve in curves.items():
+        if name.startswith(variant + "_") and not any(
+            name.startswith(other + "_") and len(other) > len(variant) for other in MOE_VARIANTS
+        ):
+            value = next((entry["mean"] for entry in curve if entry["k"] == k), float("nan"))
+            parts.append(f"{name[len(variant) + 1 :]}@{k} {value:.3f}")
+    return ", ".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Speed of the fitting API
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _median_seconds(function: Callable[[], Any], repeats: int) -> float:
+    function()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def measure_speed(num_experts: int = 8, num_shots: int = 32, num_users: int = 1000, repeats: int = 30, seed: int = 0):
+    """
+    Median wall-clock times of [`fit_user_weights`] on `num_shots` shots and of [`fit_users`] on `num_users` users,
+    with the expert scores precomputed (`scores=`), on a tiny MoE model (the fit never touches the model's weights).
+    """
+    from transformers import BertConfig
+
+    from trl_moe_rm import MoERewardModel, MoERewardModelConfig, fit_user_weights, fit_users
+
+    backbone = BertConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+    )
+    model = MoERewardModel(MoERewardModelConfig(backbone_config=backbone, num_experts=num_experts, top_k=2)).eval()
+    rng = np.random.default_rng(seed)
+
+    def scores_of(num_rows: int) -> PairScores:
+        chosen = rng.normal(size=(num_rows, num_experts))
+        rejected = rng.normal(size=(num_rows, num_experts))
+        logits = rng.normal(size=(num_rows, num_experts))
+        top = np.argsort(-logits, axis=1)[:, :2]
+        routing = np.zeros_like(logits)
+        np.put_along_axis(routing, top, 0.5, axis=1)
+        return PairScores.from_expert_rewards(chosen, rejected, routing)
+
+    shots = scores_of(num_shots)
+    pairs = {"chosen": [""] * num_shots, "rejected": [""] * num_shots}
+    result: dict[str, Any] = {"num_experts": num_experts, "num_shots": num_shots, "num_users": num_users}
+    for method in ("hedge", "hyre", "gradient"):
+        result[f"fit_user_weights_{method}_ms"] = 1e3 * _median_seconds(
+            lambda method=method: fit_user_weights(model, pairs, method=method, scores=shots), repeats
+        )
+    many = scores_of(num_users * num_shots)
+    dataset = {
+        "chosen": [""] * (num_users * num_shots),
+        "rejected": [""] * (num_users * num_shots),
+        "user_id": [f"user_{index // num_shots}" for index in range(num_users * num_shots)],
+    }
+    for method in ("hedge", "hyre", "gradient"):
+        result[f"fit_users_{method}_s"] = _median_seconds(
+            lambda method=method: fit_users(model, dataset, method=method, scores=many), max(3, repeats // 10)
+        )
+    return result
+
+
+def machine_info() -> dict[str, Any]:
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average": load,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _cell(entry: dict[str, Any]) -> str:
+    if entry is None:
+        return "—"
+    return f"{entry['mean']:.3f} [{entry['low']:.3f}, {entry['high']:.3f}]"
+
+
+def markdown_table(result: dict[str, Any], ks: Sequence[int]) -> str:
+    """One row per method, one column per k (mean [95% CI]); unadapted methods repeat their value in one column."""
+    lines = ["| method | " + " | ".join(f"k={k}" for k in ks) + " |", "|---" * (len(ks) + 1) + "|"]
+    for name, curve in result["curves"].items():
+        by_k = {entry["k"]: entry for entry in curve}
+        lines.append(f"| {name} | " + " | ".join(_cell(by_k.get(k)) for k in ks) + " |")
+    lines += ["", "| unadapted method | accuracy [95% CI over held-out pairs] |", "|---|---|"]
+    for name, entry in result["constant"].items():
+        lines.append(f"| {name} | {_cell(entry)} |")
+    return "\n".join(lines) + "\n"
+
+
+def check_targets(result: dict[str, Any], k: int = 8) -> dict[str, Any]:
+    """The DSP targets at `k`: the best MoE configuration against DRM-HyRe, the dense MoE, the single head, the oracle."""
+
+    def at_k(name: str) -> float:
+        return next(entry["mean"] for entry in result["curves"][name] if entry["k"] == k)
+
+    moe = {name: at_k(name) for name in result["curves"] if not name.startswith(("drm", "dense"))}
+    dense = max((at_k(name) for name in result["curves"] if name.startswith("dense")), default=float("nan"))
+    best_name = max(moe, key=moe.get)
+    best = moe[best_name]
+    drm = at_k("drm_hyre")
+    single = result["constant"]["single_head"]["mean"]
+    oracle = result["constant"]["oracle"]["mean"]
+    return {
+        "k": k,
+        "best_moe": best_name,
+        "best_moe_accuracy": best,
+        "beats_drm_hyre": {"value": [best, drm], "passed": best > drm},
+        "beats_dense_moe": {"value": [best, dense], "passed": best > dense},
+        "at_least_15_points_above_single_head": {"value": [best, single], "passed": best >= single + 0.15},
+        "within_5_points_of_oracle": {"value": [best, oracle], "passed": best >= oracle - 0.05},
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--datasets", nargs="+", default=["controlled", "dsp"], choices=["controlled", "dsp"])
+    parser.add_argument("--data_dir", default=None, help="Directory of the real data (default: $TRL_MOE_RM_DATA).")
+    parser.add_argument("--cache_dir", default=None, help="Feature cache (default: <tmp>/trl_moe_rm_bench).")
+    parser.add_argument("--output_dir", default=None, help="Where results.json / results.md go (default: cache).")
+    parser.add_argument("--backbone", default=None, help="Backbone path (default: the packaged all-MiniLM-L6-v2).")
+    parser.add_argument("--variants", nargs="+", default=list(MOE_VARIANTS), choices=list(MOE_VARIANTS))
+    parser.add_argument("--methods", nargs="+", default=["hedge", "hyre", "gradient"])
+    parser.add_argument("--priors", nargs="+", default=["routing"], choices=["routing", "uniform"])
+    parser.add_argument("--ks", nargs="+", type=int, default=list(DEFAULT_KS))
+    parser.add_argument("--num_draws", type=int, default=20)
+    parser.add_argument("--num_experts", type=int, default=8)
+    parser.add_argument("--num_train_epochs", type=float, default=6)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--controlled_users", type=int, default=16)
+    parser.add_argument("--controlled_train_pairs", type=int, default=160)
+    parser.add_argument("--controlled_test_pairs", type=int, default=80)
+    parser.add_argument("--speed_only", action="store_true", help="Only time the fitting API.")
+    parser.add_argument("--skip_speed", action="store_true")
+    args = parser.parse_args(argv)
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    output_dir = Path(args.output_dir) if args.output_dir else cache_dir / "results"
+    output_dir.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"machine": machine_info(), "args": vars(args), "datasets": {}}
+    print(f"[machine] {json.dumps(report['machine'])}", flush=True)
+
+    if not args.skip_speed:
+        report["speed"] = measure_speed(num_experts=args.num_experts)
+        print(f"[speed] {json.dumps(report['speed'])}", flush=True)
+    if not args.speed_only:
+        model, tokenizer = load_backbone(args.backbone)
+        backbone = model.config.name_or_path
+        for name in args.datasets:
+            start = time.perf_counter()
+            if name == "dsp":
+                bench = build_dsp(model, tokenizer, args.data_dir, cache_dir, seed=args.seed)
+            else:
+                bench = build_controlled(
+                    model,
+                    tokenizer,
+                    cache_dir,
+                    num_users=args.controlled_users,
+                    train_pairs=args.controlled_train_pairs,
+                    test_pairs=args.controlled_test_pairs,
+                    seed=args.seed,
+                )
+            if bench is None:
+                report["datasets"][name] = {"skipped": "data not found"}
+                continue
+            result = evaluate_benchmark(
+                bench,
+                backbone,
+                tokenizer,
+                output_dir / name,
+                args.variants,
+                methods=args.methods,
+                ks=args.ks,
+                num_draws=args.num_draws,
+                num_experts=args.num_experts,
+                num_train_epochs=args.num_train_epochs,
+                seed=args.seed,
+                priors=args.priors,
+            )
+            result["info"] = bench.info
+            result["seconds"] = time.perf_counter() - start
+            if name == "dsp" and 8 in args.ks:
+                result["targets"] = check_targets(result)
+            report["datasets"][name] = result
+            print(f"\n## {name}\n\n{markdown_table(result, args.ks)}", flush=True)
+            if "targets" in result:
+                print(json.dumps(result["targets"], indent=2), flush=True)
+    (output_dir / "results.json").write_text(json.dumps(report, indent=2, default=float))
+    print(f"Results in {output_dir}/results.json", flush=True)
+    return report
+
+
+if __name__ == "__main__":
+    main()
