@@ -106,7 +106,7 @@ def run_once(cached: bool, split, backbone: str, tokenizer, options: argparse.Na
         report_to="none",
         bf16=False,
         gradient_checkpointing=False,
-        use_cpu=True,
+        use_cpu=options.device == "cpu",
         disable_tqdm=True,
         disable_dropout=options.disable_dropout,
         freeze_backbone=True,
@@ -165,6 +165,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=3, help="Alternating (uncached, cached) repeats.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--disable_dropout", type=str_to_bool, default=True, help="TRL's `disable_dropout`.")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's).")
     parser.add_argument("--backbone", default=None, help="Default: the packaged all-MiniLM-L6-v2.")
     parser.add_argument("--work_dir", default="/tmp/bench_feature_cache")
@@ -214,7 +215,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "moe": SPARSE_MOE,
             "torch_threads": torch.get_num_threads(),
         },
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpus": os.cpu_count(),
+            "gpu": torch.cuda.get_device_name() if options.device == "cuda" else None,
+        },
         "epoch_seconds": {"uncached": summarize(uncached), "cached": summarize(cached)},
         "speedup_per_epoch": summarize(speedups),
         "encode_seconds": summarize([run["encode_seconds"] for run in runs if run["path"] == "cached"]),

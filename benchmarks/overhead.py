@@ -22,6 +22,11 @@ so that neither the allocator state nor the import warm-up of one run leaks into
   glibc and returned on free, so it tracks the live tensors closely. Model weights, created before `train()`, are not
   counted: the head adds `2 * K * hidden` parameters, reported separately.
 
+On a GPU (`--device cuda`, see `benchmarks/gpu_throughput.sh`) the memory is the peak growth of
+`torch.cuda.max_memory_allocated()` during `train()`, bf16 mixed precision is on, and `--backbone` takes a real
+checkpoint (e.g. `Qwen/Qwen2.5-0.5B`; the classifier of the `trl` run is
+`AutoModelForSequenceClassification.from_pretrained(backbone, num_labels=1)`, whose backbone weights are the same).
+
 ```bash
 python benchmarks/overhead.py --repeats 5 --output benchmarks/results/overhead.json          # trl vs moe (K=8)
 python benchmarks/overhead.py --scaling 4 8 16 32 --repeats 3 --output benchmarks/results/scaling.json
@@ -52,22 +57,24 @@ def build_tokenizer(vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]")
 
 
-def build_dataset(num_pairs: int, vocab_size: int, seed: int):
+def build_dataset(
+    num_pairs: int, vocab_size: int, seed: int, prompt_len=(16, 32), response_len=(32, 96), low: int = 3, eos: int = 2
+):
     """Pre-tokenized pairs: a shared prompt, then two responses whose first tokens differ, each ending with eos."""
     from datasets import Dataset
 
     rng = random.Random(seed)
     rows = []
     for _ in range(num_pairs):
-        prompt = [rng.randrange(3, vocab_size) for _ in range(rng.randint(16, 32))]
-        chosen = [rng.randrange(3, vocab_size) for _ in range(rng.randint(32, 96))]
-        rejected = [rng.randrange(3, vocab_size) for _ in range(rng.randint(32, 96))]
+        prompt = [rng.randrange(low, vocab_size) for _ in range(rng.randint(*prompt_len))]
+        chosen = [rng.randrange(low, vocab_size) for _ in range(rng.randint(*response_len))]
+        rejected = [rng.randrange(low, vocab_size) for _ in range(rng.randint(*response_len))]
         while rejected[0] == chosen[0]:
-            rejected[0] = rng.randrange(3, vocab_size)
+            rejected[0] = rng.randrange(low, vocab_size)
         rows.append(
             {
-                "chosen_ids": prompt + chosen + [2],
-                "rejected_ids": prompt + rejected + [2],
+                "chosen_ids": prompt + chosen + [eos],
+                "rejected_ids": prompt + rejected + [eos],
                 "prompt_length": len(prompt),
             }
         )
@@ -75,15 +82,17 @@ def build_dataset(num_pairs: int, vocab_size: int, seed: int):
 
 
 class StepClock:
-    """Stamps the end of every optimizer step."""
+    """Stamps the end of every optimizer step (after a device synchronisation on GPU)."""
 
-    def __init__(self):
+    def __init__(self, synchronize=None):
         from transformers import TrainerCallback
 
         clock = self
 
         class _Callback(TrainerCallback):
             def on_step_end(self, args, state, control, **kwargs):
+                if synchronize is not None:
+                    synchronize()
                 clock.stamps.append(time.perf_counter())
 
         self.stamps: list[float] = []
@@ -118,10 +127,78 @@ class RssSampler:
         self.peak = max(self.peak, self._process.memory_info().rss)
 
 
+class CudaPeak:
+    """Peak growth of the CUDA allocator's allocated bytes while running (`torch.cuda.max_memory_allocated`)."""
+
+    def __enter__(self) -> "CudaPeak":
+        import torch
+
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        self.baseline = torch.cuda.memory_allocated()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import torch
+
+        torch.cuda.synchronize()
+        self.peak = torch.cuda.max_memory_allocated()
+
+
+def build_models(options: argparse.Namespace, set_seed):
+    """`(tokenizer, vocabulary size for the data, backbone factory, classifier factory)`."""
+    import torch
+    from transformers import (
+        AutoConfig,
+        AutoModel,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        LlamaConfig,
+        LlamaForSequenceClassification,
+        LlamaModel,
+    )
+
+    if options.backbone is None:  # a random Llama: the same weights for both trainers
+        config = LlamaConfig(
+            vocab_size=options.vocab_size,
+            hidden_size=options.hidden_size,
+            intermediate_size=options.hidden_size * 8 // 3,
+            num_hidden_layers=options.num_layers,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=1024,
+            pad_token_id=0,
+            num_labels=1,
+        )
+        set_seed(options.seed)
+        backbone = LlamaModel(config)
+
+        def classifier():
+            model = LlamaForSequenceClassification(config)
+            model.model.load_state_dict(backbone.state_dict())
+            return model
+
+        return build_tokenizer(options.vocab_size), options.vocab_size, lambda: backbone, classifier
+
+    dtype = getattr(torch, options.dtype)
+    tokenizer = AutoTokenizer.from_pretrained(options.backbone)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    vocab_size = min(len(tokenizer), AutoConfig.from_pretrained(options.backbone).vocab_size)
+
+    def classifier():
+        set_seed(options.seed)
+        model = AutoModelForSequenceClassification.from_pretrained(options.backbone, num_labels=1, dtype=dtype)
+        model.config.pad_token_id = tokenizer.pad_token_id
+        return model
+
+    return tokenizer, vocab_size, lambda: AutoModel.from_pretrained(options.backbone, dtype=dtype), classifier
+
+
 def worker(options: argparse.Namespace) -> dict[str, Any]:
     """One training run in this process; returns its throughput and memory."""
     import torch
-    from transformers import LlamaConfig, LlamaForSequenceClassification, LlamaModel, set_seed
+    from transformers import set_seed
     from transformers.utils import logging
     from trl import RewardConfig, RewardTrainer
 
@@ -129,44 +206,40 @@ def worker(options: argparse.Namespace) -> dict[str, Any]:
 
     logging.set_verbosity_error()
     torch.set_num_threads(options.threads)
-    tokenizer = build_tokenizer(options.vocab_size)
-    num_pairs = options.batch_size * options.steps
-    dataset = build_dataset(num_pairs, options.vocab_size, options.seed)
-    config = LlamaConfig(
-        vocab_size=options.vocab_size,
-        hidden_size=options.hidden_size,
-        intermediate_size=options.hidden_size * 8 // 3,
-        num_hidden_layers=options.num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=512,
-        pad_token_id=0,
-        num_labels=1,
+    cuda = options.device == "cuda"
+    tokenizer, vocab_size, make_backbone, make_classifier = build_models(options, set_seed)
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 2
+    dataset = build_dataset(
+        options.batch_size * options.steps,
+        vocab_size,
+        options.seed,
+        tuple(options.prompt_len),
+        tuple(options.response_len),
+        low=3 if options.backbone is None else 100,
+        eos=eos,
     )
-    set_seed(options.seed)
-    backbone = LlamaModel(config)
     common = {
         "output_dir": tempfile.mkdtemp(prefix=f"bench_{options.kind}_"),
         "max_steps": options.steps,
         "per_device_train_batch_size": options.batch_size,
-        "learning_rate": 1e-4,
+        "learning_rate": 1e-5 if options.backbone else 1e-4,
         "seed": options.seed,
         "data_seed": options.seed,
         "logging_steps": 5,
         "save_strategy": "no",
         "report_to": "none",
-        "bf16": False,
-        "gradient_checkpointing": False,
-        "use_cpu": True,
+        "bf16": cuda and options.bf16,
+        "gradient_checkpointing": options.gradient_checkpointing,
+        "use_cpu": not cuda,
         "disable_tqdm": True,
         "dataloader_num_workers": 0,
-        "max_length": 512,
+        "max_length": None,
     }
-    clock = StepClock()
+    clock = StepClock(torch.cuda.synchronize if cuda else None)
     if options.kind == "trl":
-        model = LlamaForSequenceClassification(config)
-        model.model.load_state_dict(backbone.state_dict())
-        head_parameters = model.score.weight.numel()
+        model = make_classifier()
+        head = getattr(model, "score", None) or model.classifier
+        head_parameters = sum(p.numel() for p in head.parameters())
         trainer = RewardTrainer(
             model=model,
             args=RewardConfig(**common),
@@ -175,7 +248,8 @@ def worker(options: argparse.Namespace) -> dict[str, Any]:
             callbacks=[clock.callback],
         )
     else:
-        model = MoERewardModel.from_backbone(backbone, num_experts=options.num_experts, top_k=options.top_k)
+        set_seed(options.seed)
+        model = MoERewardModel.from_backbone(make_backbone(), num_experts=options.num_experts, top_k=options.top_k)
         head_parameters = sum(p.numel() for p in model.router.parameters()) + sum(
             p.numel() for p in model.experts.parameters()
         )
@@ -196,7 +270,7 @@ def worker(options: argparse.Namespace) -> dict[str, Any]:
             processing_class=tokenizer,
             callbacks=[clock.callback],
         )
-    with RssSampler() as rss:
+    with CudaPeak() if cuda else RssSampler() as memory:
         trainer.train()
     stamps = clock.stamps
     measured = stamps[options.warmup_steps - 1 :]
@@ -207,11 +281,13 @@ def worker(options: argparse.Namespace) -> dict[str, Any]:
         "num_experts": options.num_experts if options.kind == "moe" else None,
         "step_seconds": seconds / steps,
         "pairs_per_second": steps * options.batch_size / seconds,
-        "peak_rss_growth_mib": (rss.peak - rss.baseline) / 2**20,
-        "baseline_rss_mib": rss.baseline / 2**20,
+        "peak_memory_growth_mib": (memory.peak - memory.baseline) / 2**20,
+        "baseline_memory_mib": memory.baseline / 2**20,
+        "memory_measure": "cuda_max_memory_allocated" if cuda else "process_rss",
         "parameters": sum(p.numel() for p in model.parameters()),
         "head_parameters": head_parameters,
         "final_loss": next((log["loss"] for log in reversed(trainer.state.log_history) if "loss" in log), None),
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
     }
 
 
@@ -227,12 +303,24 @@ def spawn(options: argparse.Namespace, kind: str, num_experts: int) -> dict[str,
     ]
     for name in ("top_k", "batch_size", "steps", "warmup_steps", "hidden_size", "num_layers", "vocab_size", "seed"):
         command += [f"--{name}", str(getattr(options, name))]
-    command += ["--threads", str(options.threads)]
+    command += ["--threads", str(options.threads), "--device", options.device, "--dtype", options.dtype]
+    command += ["--prompt_len", *map(str, options.prompt_len), "--response_len", *map(str, options.response_len)]
+    command += ["--bf16", str(options.bf16).lower(), "--gradient_checkpointing", str(options.gradient_checkpointing)]
+    if options.backbone is not None:
+        command += ["--backbone", options.backbone]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"worker failed ({' '.join(command)}):\n{result.stderr[-4000:]}")
     line = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")][-1]
     return json.loads(line[len("RESULT ") :])
+
+
+def str_to_bool(value: str) -> bool:
+    if value.lower() in ("1", "true", "yes"):
+        return True
+    if value.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {value!r}")
 
 
 def summarize(values: list[float]) -> dict[str, float]:
@@ -252,6 +340,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     parser.add_argument("--num_layers", type=int, default=4)
     parser.add_argument("--vocab_size", type=int, default=4096)
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads in every worker.")
+    parser.add_argument("--prompt_len", type=int, nargs=2, default=[16, 32], help="Min and max prompt tokens.")
+    parser.add_argument("--response_len", type=int, nargs=2, default=[32, 96], help="Min and max response tokens.")
+    parser.add_argument("--backbone", default=None, help="Hub id or path of a real backbone (default: random Llama).")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", default="float32", help="Weights dtype of a --backbone (e.g. bfloat16).")
+    parser.add_argument("--bf16", type=str_to_bool, default=True, help="Mixed precision (cuda only).")
+    parser.add_argument("--gradient_checkpointing", type=str_to_bool, default=False)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default=None)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -281,19 +376,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     summary: dict[str, Any] = {
         "trl": {
             "step_seconds": summarize([r["step_seconds"] for r in trl.values()]),
-            "peak_rss_growth_mib": summarize([r["peak_rss_growth_mib"] for r in trl.values()]),
+            "peak_memory_growth_mib": summarize([r["peak_memory_growth_mib"] for r in trl.values()]),
         }
     }
     for _, num_experts in configurations:
         moe = {r["repeat"]: r for r in runs_of("moe", num_experts)}
         summary[f"moe_k{num_experts}"] = {
             "step_seconds": summarize([r["step_seconds"] for r in moe.values()]),
-            "peak_rss_growth_mib": summarize([r["peak_rss_growth_mib"] for r in moe.values()]),
+            "peak_memory_growth_mib": summarize([r["peak_memory_growth_mib"] for r in moe.values()]),
             "throughput_ratio_vs_trl": summarize(
                 [moe[i]["pairs_per_second"] / trl[i]["pairs_per_second"] for i in moe]
             ),
             "memory_ratio_vs_trl": summarize(
-                [moe[i]["peak_rss_growth_mib"] / trl[i]["peak_rss_growth_mib"] for i in moe]
+                [moe[i]["peak_memory_growth_mib"] / trl[i]["peak_memory_growth_mib"] for i in moe]
             ),
             "head_parameters": next(iter(moe.values()))["head_parameters"],
             "parameters": next(iter(moe.values()))["parameters"],

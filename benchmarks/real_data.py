@@ -1111,6 +1111,15 @@ def run_dataset(
         "these plug-in statistics under resampling). Single head: one expert, so no routing (—)."
     )
     notes.append(
+        "The basic interval targets the population value: when a plug-in estimate is mostly chance (compare it with "
+        "its chance level below) the interval can lie below the estimate itself."
+    )
+    if dsp:
+        notes.append(
+            "The pair-level accuracy interval is sampling noise only: every query's 12 pairs score exactly 0.5 for a "
+            "prompt-routed model, so the interval resampling queries is [0.5, 0.5]."
+        )
+    notes.append(
         "Chance: mean NMI / purity when the categories are shuffled "
         + ("among the pairs of each query" if dsp else "across prompts")
         + f" ({config.num_resamples} permutations), and the one-sided permutation p-value of the observed value."

@@ -28,6 +28,7 @@ import os
 import platform
 import random
 import statistics
+import textwrap
 import time
 from typing import Any
 
@@ -143,30 +144,39 @@ def markdown(args: argparse.Namespace, info: dict[str, Any], results: dict[str, 
         f"python benchmarks/reward_throughput.py --repeats {args.repeats} --batch_size {args.batch_size} "
         f"--calls {args.calls} --output docs/_bench_reward_throughput.md"
     )
-    return f"""## Scoring throughput of `PersonalizedReward` (RL rewards)
-
-Completions scored per second by `PersonalizedReward` (MoE reward model, {args.num_experts} experts top-2,
-{args.num_users} users with profiles plus one unknown user) and by the same backbone used as a plain
-`LlamaForSequenceClassification` reward model scored the way TRL's RLOO / GRPO trainers score an `nn.Module` reward.
-Same process, same backbone weights (random Llama: hidden {args.hidden_size}, {args.num_layers} layers, {args.num_heads}
-heads, vocab {args.vocab_size}), same batches of {args.batch_size} completions ({args.num_generations} per prompt,
-prompts 16-32 tokens, completions 32-96 tokens), timed alternately; {args.repeats} rounds of {args.calls} batches after
-{args.warmup} warm-up rounds.
-
-| | completions / s (median) |
-| --- | --- |
-| plain `LlamaForSequenceClassification` | {results["plain_median"]:.1f} |
-| `PersonalizedReward` | {results["personalized_median"]:.1f} |
-| **ratio personalized / plain (median of per-round ratios)** | **{results["ratio_median"]:.3f}** (min {results["ratio_min"]:.3f}, max {results["ratio_max"]:.3f}) |
-
-Machine: {info["cpu"]}, {info["cores"]} cores, {info["torch_threads"]} torch threads, torch {info["torch"]}, Python
-{info["python"]} (1-minute load average {info.get("load_average_1min", "n/a")} when the run ended: the cores were
-shared with other jobs, which adds noise to both sides alike).
-
-```bash
-{command}
-```
-"""
+    setup = (
+        f"Completions scored per second by `PersonalizedReward` (MoE reward model, {args.num_experts} experts top-2, "
+        f"{args.num_users} users with profiles, half static and half routed, plus one unknown user) and by the same "
+        "backbone used as a plain `LlamaForSequenceClassification` reward model, scored the way TRL's RLOO / GRPO "
+        "trainers score an `nn.Module` reward. Same process, same backbone weights (random Llama: hidden "
+        f"{args.hidden_size}, {args.num_layers} layers, {args.num_heads} heads, vocab {args.vocab_size}), same batches "
+        f"of {args.batch_size} completions ({args.num_generations} per prompt, prompts of 16-32 tokens, completions of "
+        f"32-96 tokens), one forward pass per batch on both sides, timed alternately: {args.repeats} rounds of "
+        f"{args.calls} batches after {args.warmup} warm-up round(s)."
+    )
+    machine_line = (
+        f"Machine: {info['cpu']}, {info['cores']} cores, {info['torch_threads']} torch threads, torch {info['torch']}, "
+        f"Python {info['python']}. The 1-minute load average was {info.get('load_average_1min', 'n/a')} when the run "
+        "ended: the cores were shared with other jobs, which slows both sides alike and spreads the per-round ratios."
+    )
+    table = "\n".join(
+        [
+            "| | completions / s (median) |",
+            "| --- | --- |",
+            f"| plain `LlamaForSequenceClassification` | {results['plain_median']:.1f} |",
+            f"| `PersonalizedReward` | {results['personalized_median']:.1f} |",
+            f"| **ratio personalized / plain** (median of the per-round ratios) | **{results['ratio_median']:.3f}** "
+            f"(min {results['ratio_min']:.3f}, max {results['ratio_max']:.3f}) |",
+        ]
+    )
+    parts = [
+        "## Scoring throughput of `PersonalizedReward` (RL rewards)",
+        textwrap.fill(setup, 119),
+        table,
+        textwrap.fill(machine_line, 119),
+        f"```bash\n{command}\n```",
+    ]
+    return "\n\n".join(parts) + "\n"
 
 
 def main() -> None:

@@ -36,6 +36,12 @@ CONFIGS: dict[str, dict] = {
     "  + local sparsity 0.001": {"balance_coef": 0.1, "balance_type": "entropy", "sparsity_coef": 0.001},
     "  + local sparsity 0.01": {"balance_coef": 0.1, "balance_type": "entropy", "sparsity_coef": 0.01},
     "  + cosine diversity 0.1": {"balance_coef": 0.1, "balance_type": "entropy", "diversity_coef": 0.1},
+    "  + redundancy diversity 0.1": {
+        "balance_coef": 0.1,
+        "balance_type": "entropy",
+        "diversity_coef": 0.1,
+        "diversity_type": "redundancy",
+    },
     "  + correlation diversity 0.1": {
         "balance_coef": 0.1,
         "balance_type": "entropy",

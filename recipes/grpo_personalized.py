@@ -77,7 +77,7 @@ def main(
 
     reward = build_reward(reward_args)  # after the training config: see rloo_personalized.py and docs/rl.md
     tokenizer = AutoTokenizer.from_pretrained(
-        model_name, revision=model_args.model_revision, trust_remote_code=model_args.trust_remote_code
+        model_name, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code
     )
     trainer = GRPOTrainer(
         model=model_name,

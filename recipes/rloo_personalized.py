@@ -174,7 +174,7 @@ def main(
     # PersonalizedReward gathers it into a full copy on every process (see docs/rl.md).
     reward = build_reward(reward_args)
     tokenizer = AutoTokenizer.from_pretrained(
-        model_name, revision=model_args.model_revision, trust_remote_code=model_args.trust_remote_code
+        model_name, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code
     )
     trainer = RLOOTrainer(
         model=model_name,

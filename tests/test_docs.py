@@ -232,7 +232,15 @@ def test_skipped_blocks_have_a_reason_and_are_few(page):
         )
 
 
-@pytest.mark.parametrize("page", PAGES, ids=[page.name for page in PAGES])
+# Pages whose examples train a model (about 20 s of CPU each): marked slow, so that `make test-unit` stays quick.
+SLOW_PAGES = {"quickstart.md", "analysis.md"}
+
+
+@pytest.mark.parametrize(
+    "page",
+    [pytest.param(page, marks=pytest.mark.slow) if page.name in SLOW_PAGES else page for page in PAGES],
+    ids=[page.name for page in PAGES],
+)
 def test_python_blocks_run(page, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -505,3 +505,61 @@ def test_bad_descriptions_and_heatmap(trained, fake_hub, tmp_path):
     with pytest.raises(ValueError, match="not a PNG"):
         push_moe_reward_model(model, "me/x", routing_heatmap=tmp_path / "fake.png", token="t")
     assert fake_hub.commits == []
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Other shapes of models and repositories
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_lora_model_is_uploaded_as_an_adapter_with_its_moe_config(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from tiny import tiny_llama_config
+    from transformers import AutoModel
+
+    torch.manual_seed(0)
+    tokenizer = tiny_tokenizer()
+    AutoModel.from_config(tiny_llama_config(len(tokenizer))).save_pretrained(tmp_path / "backbone")
+    model = MoERewardModel.from_backbone(str(tmp_path / "backbone"), num_experts=4, top_k=2)
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["router", "experts"])
+    peft_model = get_peft_model(model, lora).eval()
+    files = prepare_hub_folder(peft_model, tmp_path / "repo", repo_id="me/lora", tokenizer=tokenizer)
+    assert {"adapter_model.safetensors", "adapter_config.json", "config.json", "experts.json", "README.md"} <= set(
+        files
+    )
+    assert "model.safetensors" not in files and not find_pickle_files(files)
+    assert json.loads((tmp_path / "repo" / "config.json").read_text())["model_type"] == "moe_reward"
+    assert 'load_from_hub("me/lora")' in (tmp_path / "repo" / "README.md").read_text()
+
+    bundle = load_from_hub(tmp_path / "repo")
+    assert (
+        _scores(bundle.model, bundle.tokenizer).chosen_rewards == _scores(peft_model, tokenizer).chosen_rewards
+    ).all()
+
+
+def test_offline_loading_checks_the_cached_snapshot(trained, fake_hub, monkeypatch):
+    from huggingface_hub import constants
+
+    model, tokenizer = trained
+    push_moe_reward_model(model, "me/cached", tokenizer=tokenizer, token="t")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(HfApi, "list_repo_files", lambda *args, **kwargs: pytest.fail("no network call offline"))
+    bundle = load_from_hub("me/cached")
+    assert (_scores(bundle.model, bundle.tokenizer).chosen_rewards == _scores(model, tokenizer).chosen_rewards).all()
+
+    def poisoned_snapshot(repo_id, **kwargs):  # a cache that also holds a pickle (e.g. from another tool)
+        folder = fake_hub.materialize("me/cached", fake_hub.root / "poisoned")
+        (folder / "pytorch_model.bin").write_bytes(b"\x80\x04K\x01.")
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", poisoned_snapshot)
+    with pytest.raises(UnsafeFilesError, match="pytorch_model.bin"):
+        load_from_hub("me/cached")
+
+
+def test_push_as_a_future_and_to_a_branch(trained, fake_hub):
+    model, _ = trained
+    push_moe_reward_model(model, "me/f", token="t", run_as_future=True, revision="dev", create_pr=True)
+    kwargs = fake_hub.commits[0]["kwargs"]
+    assert kwargs["run_as_future"] is True and kwargs["revision"] == "dev" and kwargs["create_pr"] is True
+    assert fake_hub.branches == [("me/f", "dev")]

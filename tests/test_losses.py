@@ -60,6 +60,15 @@ def test_cosine_diversity_zero_for_orthogonal_and_one_for_parallel():
     assert losses.cosine_diversity_loss(torch.ones(1, 3)).item() == 0.0  # K=1
 
 
+def test_redundancy_diversity_ignores_opposite_experts():
+    opposite = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
+    assert losses.redundancy_diversity_loss(opposite).item() == pytest.approx(0.0, abs=1e-6)
+    assert losses.cosine_diversity_loss(opposite).item() == pytest.approx(1.0, abs=1e-6)
+    identical = torch.tensor([[1.0, 2.0], [2.0, 4.0]])
+    assert losses.redundancy_diversity_loss(identical).item() == pytest.approx(1.0, abs=1e-6)
+    assert losses.redundancy_diversity_loss(torch.eye(3)).item() == pytest.approx(0.0, abs=1e-6)
+
+
 def test_correlation_diversity_zero_for_uncorrelated_and_one_for_identical():
     uncorrelated = torch.tensor([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]])
     assert losses.correlation_diversity_loss(uncorrelated).item() == pytest.approx(0.0, abs=1e-6)

@@ -31,6 +31,15 @@ from trl_moe_rm.configuration_moe_reward import config_fingerprint  # noqa: E402
 RESPONSE_LENGTH = 3
 
 
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Tiny models run fastest on one thread, and do not fight over the cores of a busy CI machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _exclusive_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return attention_mask.cumsum(1) - attention_mask.long()
 
@@ -184,3 +193,48 @@ def test_ppo_raises_the_user_reward(tmp_path):
     assert len(scores) == 8 and all(math.isfinite(score) for score in scores)
     assert sum(scores[-3:]) / 3 > sum(scores[:3]) / 3 + 0.2, scores
     assert after > before + 0.2, (before, after)
+
+
+@pytest.mark.slow
+def test_ppo_recipe_runs(tmp_path):
+    """`recipes/ppo_personalized.py` from local folders: one user's rows of a prompt file, that user's profile."""
+    import importlib.util
+    from pathlib import Path
+
+    from trl_moe_rm import ProfileStore
+
+    tokenizer = tiny_tokenizer()
+    reward_model = _token_reward_model(tokenizer)
+    reward_model.save_pretrained(tmp_path / "rm")
+    store = ProfileStore(tmp_path / "store")
+    fingerprint = config_fingerprint(reward_model.config)
+    store.save_many([UserProfile("alice", [1.0, 0.0], config_hash=fingerprint), UserProfile(7, [0.0, 1.0])])
+    store.save_pretrained(tmp_path / "rm")
+    _policy(tokenizer).save_pretrained(tmp_path / "policy")
+    tokenizer.save_pretrained(tmp_path / "policy")
+    rows = [{"prompt": f"tell me about {topic}", "user_id": user} for topic in WORDS[30:42] for user in ("alice", "7")]
+    Dataset.from_list(rows).to_json(str(tmp_path / "prompts.jsonl"))
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / "ppo_personalized.py"
+    spec = importlib.util.spec_from_file_location("recipe_ppo_personalized", path)
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    argv = [
+        "--model_name_or_path", str(tmp_path / "policy"), "--dataset_name", str(tmp_path / "prompts.jsonl"),
+        "--reward_model_path", str(tmp_path / "rm"), "--user_id", "alice", "--output_dir", str(tmp_path / "out"),
+        "--per_device_train_batch_size", "8", "--local_rollout_forward_batch_size", "8", "--total_episodes", "16",
+        "--response_length", "3", "--num_sample_generations", "0", "--num_ppo_epochs", "1", "--report_to", "none",
+        "--use_cpu", "true", "--bf16", "false", "--save_strategy", "no", "--disable_tqdm", "true",
+    ]  # fmt: skip
+    trainer = recipe.main(*recipe.make_parser().parse_args_and_config(args=argv))
+    assert trainer.state.global_step == 2
+    assert len(trainer.train_dataset) == 12  # alice's rows only
+    assert trainer.reward_model.user_weights.tolist() == [1.0, 0.0]
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+    # An int user id given on the command line is found; a model that does not pool the last token is refused.
+    assert recipe.load_user_reward_model(str(tmp_path / "rm"), recipe.UserRewardArguments(user_id="7")) is not None
+    mean_pooled = tiny_moe("llama", tokenizer, num_experts=2, top_k=1, pooling="mean")
+    mean_pooled.save_pretrained(tmp_path / "mean_rm")
+    with pytest.raises(ValueError, match="last token"):
+        recipe.load_user_reward_model(str(tmp_path / "mean_rm"), recipe.UserRewardArguments(user_id="alice"))

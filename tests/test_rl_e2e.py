@@ -104,7 +104,8 @@ def tagged_policy(tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> LlamaFor
 
 
 def prompt_for(user: str, topic: str) -> str:
-    return f"tell me about {topic} {TAGS[user]}"
+    """The prompt of a user ends with the user's tag; users without a profile get "gamma"."""
+    return f"tell me about {topic} {TAGS.get(user, 'gamma')}"
 
 
 def user_dataset(topics, users=("A", "B")) -> Dataset:
@@ -148,6 +149,15 @@ def held_out_stats(policy, tokenizer, reward: PersonalizedReward, num_samples: i
 
 
 # -------------------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Tiny models run fastest on one thread, and do not fight over the cores of a busy CI machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     return tiny_tokenizer()
@@ -235,7 +245,7 @@ def test_grpo_logs_per_user_metrics(reward_model, tokenizer, tmp_path):
     reward = PersonalizedReward(reward_model, profiles, tokenizer=tokenizer, name="user_length")
     user_model = reward_model.for_user(profiles["A"])
     dataset = user_dataset(TRAIN_TOPICS[:4], users=("A", "B")).add_item(
-        {"prompt": prompt_for("A", "cat").replace("alpha", "gamma"), "user_id": "C"}
+        {"prompt": prompt_for("C", "cat"), "user_id": "C"}
     )
     args = GRPOConfig(
         output_dir=str(tmp_path),

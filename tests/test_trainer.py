@@ -78,12 +78,16 @@ def test_collator_carries_prompt_lengths_and_user_ids():
 
 
 def test_implicit_prompt_uses_common_prefix_and_warns(tmp_path, tokenizer, caplog):
-    implicit = separable_dataset(8).map(lambda x: {"chosen": x["prompt"] + " " + x["chosen"],
-                                                    "rejected": x["prompt"] + " " + x["rejected"]},
-                                        remove_columns=["prompt"])
+    implicit = separable_dataset(8).map(
+        lambda x: {"chosen": x["prompt"] + " " + x["chosen"], "rejected": x["prompt"] + " " + x["rejected"]},
+        remove_columns=["prompt"],
+    )
     with caplog.at_level("WARNING"):
         trainer = MoERewardTrainer(
-            model=tiny_moe("llama", tokenizer), args=tiny_args(tmp_path), train_dataset=implicit, processing_class=tokenizer
+            model=tiny_moe("llama", tokenizer),
+            args=tiny_args(tmp_path),
+            train_dataset=implicit,
+            processing_class=tokenizer,
         )
     assert any("common token prefix" in r.getMessage() for r in caplog.records)
     row = trainer.train_dataset[0]
@@ -141,7 +145,9 @@ def test_regularizers_change_what_they_should(tmp_path, tokenizer):
     sparse = _train(tmp_path / "sparse", tokenizer, data, **{**common, "sparsity_coef": 1.0})
     assert _routing_stats(sparse, data)[0] < _routing_stats(plain, data)[0] - 0.05
 
-    balanced = _train(tmp_path / "balanced", tokenizer, data, **{**common, "balance_coef": 1.0, "balance_type": "entropy"})
+    balanced = _train(
+        tmp_path / "balanced", tokenizer, data, **{**common, "balance_coef": 1.0, "balance_type": "entropy"}
+    )
     unbalanced = _train(tmp_path / "unbalanced", tokenizer, data, **{**common, "sparsity_coef": 1.0})
     assert _routing_stats(balanced, data)[1].max() < _routing_stats(unbalanced, data)[1].max()
 
@@ -149,6 +155,14 @@ def test_regularizers_change_what_they_should(tmp_path, tokenizer):
 
     diverse = _train(tmp_path / "diverse", tokenizer, data, **{**common, "diversity_coef": 1.0})
     assert cosine_diversity_loss(diverse.model.experts.weight_vectors()) < cosine_diversity_loss(
+        plain.model.experts.weight_vectors()
+    )
+    from trl_moe_rm.losses import redundancy_diversity_loss
+
+    redundant = _train(
+        tmp_path / "redundancy", tokenizer, data, **{**common, "diversity_coef": 1.0, "diversity_type": "redundancy"}
+    )
+    assert redundancy_diversity_loss(redundant.model.experts.weight_vectors()) < redundancy_diversity_loss(
         plain.model.experts.weight_vectors()
     )
 
@@ -173,7 +187,9 @@ def test_lora_trains_adapter_and_head(tmp_path, tokenizer):
     model = tiny_moe("llama", tokenizer)
     head_before = model.experts.weight.detach().clone()
     peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
-    trainer = _train(tmp_path, tokenizer, separable_dataset(16), model=model, peft_config=peft_config, learning_rate=1e-2)
+    trainer = _train(
+        tmp_path, tokenizer, separable_dataset(16), model=model, peft_config=peft_config, learning_rate=1e-2
+    )
     peft_model = trainer.model
     trainable = {name for name, p in peft_model.named_parameters() if p.requires_grad}
     assert any("lora_" in name for name in trainable)
@@ -185,7 +201,14 @@ def test_lora_trains_adapter_and_head(tmp_path, tokenizer):
     from peft import PeftModel
 
     fresh = tiny_moe("llama", tokenizer)
-    fresh.load_state_dict({k: v for k, v in model.state_dict().items() if "lora" not in k and "modules_to_save" not in k and "original_module" not in k}, strict=False)
+    fresh.load_state_dict(
+        {
+            k: v
+            for k, v in model.state_dict().items()
+            if "lora" not in k and "modules_to_save" not in k and "original_module" not in k
+        },
+        strict=False,
+    )
     reloaded = PeftModel.from_pretrained(tiny_moe("llama", tokenizer), str(tmp_path / "adapter"))
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
     batch.pop("user_ids", None)
@@ -198,15 +221,28 @@ def test_lora_trains_adapter_and_head(tmp_path, tokenizer):
 def test_flipped_labels_need_the_mixture(tmp_path, tokenizer):
     """Same response pair, opposite labels per hidden category: the MoE fits it, one linear head cannot."""
     train, test = flipped_dataset(64), flipped_dataset(32, seed=1)
-    common = {"num_train_epochs": 12, "learning_rate": 1e-2, "per_device_train_batch_size": 16, "freeze_backbone": True}
+    common = {
+        "num_train_epochs": 12,
+        "learning_rate": 1e-2,
+        "per_device_train_batch_size": 16,
+        "freeze_backbone": True,
+    }
     single, mixture = [], []
     for seed in (0, 1):
         torch.manual_seed(seed)
         model = tiny_moe("llama", tokenizer, num_experts=1, top_k=1)
-        single.append(_train(tmp_path / f"s{seed}", tokenizer, train, test, model=model, seed=seed, **common).evaluate()["eval_accuracy"])
+        single.append(
+            _train(tmp_path / f"s{seed}", tokenizer, train, test, model=model, seed=seed, **common).evaluate()[
+                "eval_accuracy"
+            ]
+        )
         torch.manual_seed(seed)
         model = tiny_moe("llama", tokenizer, num_experts=4, top_k=2)
-        mixture.append(_train(tmp_path / f"m{seed}", tokenizer, train, test, model=model, seed=seed, **common).evaluate()["eval_accuracy"])
+        mixture.append(
+            _train(tmp_path / f"m{seed}", tokenizer, train, test, model=model, seed=seed, **common).evaluate()[
+                "eval_accuracy"
+            ]
+        )
     assert min(mixture) >= 0.9, mixture
     assert sum(single) / len(single) <= 0.6, single
 
@@ -214,15 +250,26 @@ def test_flipped_labels_need_the_mixture(tmp_path, tokenizer):
 def test_bad_inputs_give_clear_errors(tmp_path, tokenizer):
     args = tiny_args(tmp_path)
     with pytest.raises(ValueError, match="'rejected'"):
-        MoERewardTrainer(model=tiny_moe("llama", tokenizer), args=args, processing_class=tokenizer,
-                         train_dataset=Dataset.from_list([{"prompt": "what", "chosen": "good"}]))
+        MoERewardTrainer(
+            model=tiny_moe("llama", tokenizer),
+            args=args,
+            processing_class=tokenizer,
+            train_dataset=Dataset.from_list([{"prompt": "what", "chosen": "good"}]),
+        )
     with pytest.raises(ValueError, match="empty `rejected`"):
-        MoERewardTrainer(model=tiny_moe("llama", tokenizer), args=args, processing_class=tokenizer,
-                         train_dataset=Dataset.from_list([{"prompt": "what", "chosen": "good", "rejected": "  "}]))
+        MoERewardTrainer(
+            model=tiny_moe("llama", tokenizer),
+            args=args,
+            processing_class=tokenizer,
+            train_dataset=Dataset.from_list([{"prompt": "what", "chosen": "good", "rejected": "  "}]),
+        )
     with pytest.raises(ValueError, match="user ids must all be strings or all be integers"):
-        MoERewardTrainer(model=tiny_moe("llama", tokenizer), args=args, processing_class=tokenizer,
-                         train_dataset=Dataset.from_list([{"prompt": "what", "chosen": "good", "rejected": "bad",
-                                                           "user_id": 1.5}]))
+        MoERewardTrainer(
+            model=tiny_moe("llama", tokenizer),
+            args=args,
+            processing_class=tokenizer,
+            train_dataset=Dataset.from_list([{"prompt": "what", "chosen": "good", "rejected": "bad", "user_id": 1.5}]),
+        )
     classifier = LlamaForSequenceClassification(tiny_llama_config(len(tokenizer)))
     classifier.config.num_labels = 2
     with pytest.raises(ValueError, match="num_labels"):

@@ -11,7 +11,7 @@ from .init import EXPERT_INITS
 
 LOSS_TYPES = ("reward_mixture", "likelihood_mixture", "assignment")
 BALANCE_TYPES = ("switch", "entropy")
-DIVERSITY_TYPES = ("cosine", "correlation")
+DIVERSITY_TYPES = ("cosine", "redundancy", "correlation")
 
 
 @dataclass
@@ -95,8 +95,10 @@ class MoERewardConfig(RewardConfig):
         diversity_coef (`float`, *optional*, defaults to `0.0`):
             Weight of the expert diversity loss.
         diversity_type (`str`, *optional*, defaults to `"cosine"`):
-            `"cosine"` (orthogonality of the expert weights) or `"correlation"` (decorrelation of the experts' reward
-            differences in the batch).
+            `"cosine"` (orthogonality of the expert weights: mean `|cos|`), `"redundancy"` (mean `max(cos, 0)`: like
+            `"cosine"` but opposite experts are not penalised, which suits preferences with opposite directions; see
+            the ablation in `docs/benchmarks.md`) or `"correlation"` (decorrelation of the experts' reward differences
+            in the batch).
         router_z_loss_coef (`float`, *optional*, defaults to `0.001`):
             Weight of the router z-loss.
         router_learning_rate (`float`, *optional*):

@@ -42,7 +42,7 @@ MOE_SETTINGS: dict[str, dict[str, Any]] = {
         "balance_type": "entropy",
         "sparsity_coef": 0.001,
         "diversity_coef": 0.1,
-        "diversity_type": "cosine",
+        "diversity_type": "redundancy",
     },
 }
 

@@ -438,6 +438,9 @@ def _stage(
                 f"{type(model).__name__}."
             )
         model.save_pretrained(folder, max_shard_size=max_shard_size)
+        if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
+            # A PEFT adapter folder does not describe the MoE head: save its config too (as MoERewardTrainer does).
+            model.get_base_model().config.save_pretrained(folder)
     _ensure_remote_code(folder)
     config = MoERewardModelConfig.from_pretrained(folder)
     is_adapter = (folder / "adapter_config.json").is_file()
@@ -749,13 +752,18 @@ def snapshot_moe_repo(
 
     The repository's file list is checked first: a pickle-capable file (`.bin`, `.pt`, `.pkl`, ...) is refused
     ([`UnsafeFilesError`]); only JSON, safetensors, code, tokenizer, Markdown, PNG and `profiles/` files are downloaded;
-    then `config.json` must be a `moe_reward` config.
+    then `config.json` must be a `moe_reward` config. In offline mode (`HF_HUB_OFFLINE=1`) the cached snapshot's files
+    are checked instead of the repository's list.
     """
+    from huggingface_hub import constants as hub_constants
+
     repo_id = validate_hub_repo_id(repo_id)
-    files = HfApi().list_repo_files(repo_id, revision=revision, token=token)
-    _refuse_pickles(files, f"the Hub repository {repo_id!r}")
-    if "config.json" not in files:
-        raise FileNotFoundError(f"The Hub repository {repo_id!r} has no config.json: it is not a saved model.")
+    where = f"the Hub repository {repo_id!r}"
+    if not hub_constants.HF_HUB_OFFLINE:  # offline (HF_HUB_OFFLINE=1), the cached snapshot is checked below
+        files = HfApi().list_repo_files(repo_id, revision=revision, token=token)
+        _refuse_pickles(files, where)
+        if "config.json" not in files:
+            raise FileNotFoundError(f"The Hub repository {repo_id!r} has no config.json: it is not a saved model.")
     local = Path(
         huggingface_hub.snapshot_download(
             repo_id=repo_id,
@@ -765,6 +773,7 @@ def snapshot_moe_repo(
             allow_patterns=_SNAPSHOT_PATTERNS,
         )
     )
+    _refuse_pickles(_local_files(local), where)
     check_moe_config(local, where=f"The Hub repository {repo_id!r}")
     return local
 

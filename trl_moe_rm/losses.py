@@ -172,6 +172,20 @@ def cosine_diversity_loss(weight_vectors: torch.Tensor) -> torch.Tensor:
     return _mean_abs_off_diagonal(normalized @ normalized.T)
 
 
+def redundancy_diversity_loss(weight_vectors: torch.Tensor) -> torch.Tensor:
+    r"""
+    Expert diversity by non-redundancy: mean `max(cos(w_i, w_j), 0)` over pairs of distinct experts. Like
+    [`cosine_diversity_loss`] it is 0 for orthogonal experts and 1 for identical ones, but it does not penalise
+    *opposite* experts (`cos = -1`), which preferences with opposite directions (concise vs detailed) need.
+
+    Args:
+        weight_vectors (`torch.Tensor` of shape `(K, D)`):
+            One weight vector per expert.
+    """
+    normalized = F.normalize(weight_vectors.float(), dim=-1, eps=1e-8)
+    return _mean_abs_off_diagonal((normalized @ normalized.T).clamp_min(0.0))
+
+
 def correlation_diversity_loss(expert_deltas: torch.Tensor) -> torch.Tensor:
     r"""
     Expert diversity by decorrelation: mean `|corr(Delta_i, Delta_j)|` over pairs of distinct experts, the correlation
@@ -207,6 +221,7 @@ __all__ = [
     "likelihood_mixture_loss",
     "local_sparsity_loss",
     "router_assignment_loss",
+    "redundancy_diversity_loss",
     "router_z_loss",
     "switch_balance_loss",
 ]

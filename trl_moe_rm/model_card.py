@@ -411,9 +411,9 @@ def render_model_card(
         lines.append(f"| {record['expert']} | {_cell(record.get('load'))} | {_cell(description)} |")
     lines += [
         "",
-        "*Load* is the expert's mean routing weight on the evaluation prompts; descriptions are computed from the data "
-        "without a language model (`trl_moe_rm.analysis.describe_experts`). They are also in "
-        f"[`{EXPERTS_FILENAME}`]({EXPERTS_FILENAME}).",
+        "*Load* is the expert's mean routing weight over the prompts it was measured on (evaluation data, or the last "
+        "training batches); descriptions are computed from the data without a language model "
+        f"(`trl_moe_rm.analysis.describe_experts`). Both are also in [`{EXPERTS_FILENAME}`]({EXPERTS_FILENAME}).",
         "",
     ]
     if routing_heatmap:

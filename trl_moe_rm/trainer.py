@@ -422,9 +422,9 @@ class MoERewardTrainer(RewardTrainer):
         inputs = dict(inputs)
         margin = inputs.pop("margin", None)
         user_ids = inputs.pop("user_ids", None)
-        # The cosine diversity reads the expert weights, which DeepSpeed ZeRO-3 only gathers inside their forward.
-        cosine_diversity = bool(args.diversity_coef) and args.diversity_type == "cosine"
-        outputs = model(**inputs, return_expert_weights=True) if cosine_diversity else model(**inputs)
+        # The weight-based diversities read the expert weights, which DeepSpeed ZeRO-3 only gathers inside their forward.
+        weight_diversity = bool(args.diversity_coef) and args.diversity_type in ("cosine", "redundancy")
+        outputs = model(**inputs, return_expert_weights=True) if weight_diversity else model(**inputs)
 
         num_pairs = outputs.logits.shape[0] // 2
         rewards_chosen, rewards_rejected = outputs.logits.squeeze(-1).chunk(2)
@@ -478,6 +478,8 @@ class MoERewardTrainer(RewardTrainer):
         if args.diversity_coef:
             if args.diversity_type == "cosine":
                 diversity = losses.cosine_diversity_loss(outputs.expert_weight_vectors)
+            elif args.diversity_type == "redundancy":
+                diversity = losses.redundancy_diversity_loss(outputs.expert_weight_vectors)
             else:
                 diversity = losses.correlation_diversity_loss(expert_deltas)
             terms["diversity_loss"] = args.diversity_coef * diversity
