@@ -184,7 +184,8 @@ def build_models(options: argparse.Namespace, set_seed):
     tokenizer = AutoTokenizer.from_pretrained(options.backbone)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    vocab_size = min(len(tokenizer), AutoConfig.from_pretrained(options.backbone).vocab_size)
+    # Random ids below the tokenizer's base vocabulary: no added special token (pad, chat markers) inside the text.
+    vocab_size = min(tokenizer.vocab_size, AutoConfig.from_pretrained(options.backbone).vocab_size)
 
     def classifier():
         set_seed(options.seed)

@@ -51,7 +51,7 @@ if str(REPO_ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(REPO_ROOT))
 
 from trl_moe_rm.analysis import PairScores, scores_from_features  # noqa: E402
-from trl_moe_rm.baselines import DecomposedRewardHeads, fit_bradley_terry_head  # noqa: E402
+from trl_moe_rm.baselines import DecomposedRewardHeads, cross_validated_l2, fit_bradley_terry_head  # noqa: E402
 from trl_moe_rm.stats import mean_ci  # noqa: E402
 
 
@@ -292,6 +292,13 @@ def build_controlled(
 # k-shot evaluation (the core of the benchmark)
 # ----------------------------------------------------------------------------------------------------------------------
 
+
+def correct(margins) -> np.ndarray:
+    """Per-pair score of reward margins: 1 if positive, 0 if negative, 0.5 for a tie (a coin flip)."""
+    margins = np.asarray(margins)
+    return (margins > 0) + 0.5 * (margins == 0)
+
+
 # `fit(users, shot_rows) -> weights`: `users` (B,) user indices, `shot_rows` (B, k) indices into each user's training
 # pairs; returns (B, K) weights over the method's heads.
 Fitter = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -342,7 +349,7 @@ def kshot_curves(
         accuracy = np.zeros((len(users), num_draws))
         for position, user in enumerate(users):
             block = weights[position * num_draws : (position + 1) * num_draws]  # (D, K)
-            accuracy[position] = ((test_deltas[user] @ block.T) > 0).mean(axis=0)
+            accuracy[position] = correct(test_deltas[user] @ block.T).mean(axis=0)
         mean, low, high = mean_ci(accuracy.mean(axis=0))
         results.append(
             {"k": int(k), "mean": mean, "low": low, "high": high, "per_user": accuracy.mean(axis=1).tolist()}
@@ -422,6 +429,16 @@ MOE_VARIANTS: dict[str, dict[str, Any]] = {
         "diversity_coef": 0.1,
         "diversity_type": "correlation",
     },
+    # Seen users: the same, trained with the rows' user ids and a weight vector per training user (learn_user_weights).
+    "sparse_assign_pca_joint": {
+        "top_k": 2,
+        "loss_type": "assignment",
+        "assignment_temperature": 0.5,
+        "balance_coef": 0.0,
+        "expert_init": "pca",
+        "learn_user_weights": True,
+        "user_weights_learning_rate": 0.05,
+    },
     "sparse_pca": {
         "top_k": 2,
         "balance_coef": 0.1,
@@ -454,7 +471,6 @@ def train_moe(
     learning_rate: float = 1e-2,
     batch_size: int = 64,
     seed: int = 0,
-    learn_user_weights: bool = False,
 ):
     """Train a MoE head with [`MoERewardTrainer`] (frozen backbone, cached features) on the pooled training pairs."""
     from transformers import PrinterCallback, set_seed
@@ -488,7 +504,6 @@ def train_moe(
         freeze_backbone=True,
         cache_features=True,
         feature_cache_dir=str(cache_dir),
-        learn_user_weights=learn_user_weights,
         **settings,
     )
     trainer = MoERewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
@@ -534,26 +549,34 @@ def evaluate_benchmark(
         chosen, rejected = pairs.features["chosen_features"], pairs.features["rejected_features"]
         return (chosen, rejected) if rows is None else (chosen[rows], rejected[rows])
 
-    # Single Bradley-Terry head on everybody's pairs (unadapted), and each user's oracle.
+    # Single Bradley-Terry head on everybody's pairs (unadapted), and each user's oracle; the ridge penalty of each is
+    # chosen by 5-fold cross-validation on its own training pairs.
     start = time.perf_counter()
-    head = fit_bradley_terry_head(*features(bench.train))
+    l2 = cross_validated_l2(*features(bench.train), seed=seed)
+    head = fit_bradley_terry_head(*features(bench.train), l2=l2)
     test_diff = (features(bench.test)[0] - features(bench.test)[1]).double()
-    constant["single_head"] = constant_accuracy([(test_diff[rows] @ head > 0).numpy() for rows in test_rows])
-    oracle_correct = []
+    constant["single_head"] = constant_accuracy([correct((test_diff[rows] @ head).numpy()) for rows in test_rows])
+    extra["single_head_l2"] = l2
+    oracle_correct, oracle_l2 = [], []
     for user in range(num_users):
-        user_head = fit_bradley_terry_head(*features(bench.train, train_rows[user]))
-        oracle_correct.append((test_diff[test_rows[user]] @ user_head > 0).numpy())
+        user_l2 = cross_validated_l2(*features(bench.train, train_rows[user]), seed=seed)
+        user_head = fit_bradley_terry_head(*features(bench.train, train_rows[user]), l2=user_l2)
+        oracle_correct.append(correct((test_diff[test_rows[user]] @ user_head).numpy()))
+        oracle_l2.append(user_l2)
     constant["oracle"] = constant_accuracy(oracle_correct)
+    extra["oracle_l2"] = oracle_l2
     timings["single_and_oracle_s"] = time.perf_counter() - start
 
-    # DRM: K principal directions of the training differences as heads, HyRe on the shots.
+    # DRM: K principal directions of the training differences as heads, HyRe on the shots. `drm_hyre_signed` uses
+    # K/2 directions with both signs (the same K heads the PCA initialisation gives the MoE, before any training).
     start = time.perf_counter()
-    drm = DecomposedRewardHeads.fit(*features(bench.train), num_heads=num_experts)
-    drm_train = drm.deltas(*features(bench.train))
-    drm_test = drm.deltas(*features(bench.test))
-    curves["drm_hyre"] = kshot_curves(
-        num_train, [drm_test[rows] for rows in test_rows], drm_fitter(drm_train, train_rows), ks, num_draws, seed
-    )
+    for name, num_heads, signed in (("drm_hyre", num_experts, False), ("drm_hyre_signed", num_experts // 2, True)):
+        drm = DecomposedRewardHeads.fit(*features(bench.train), num_heads=num_heads)
+        drm_train = drm.deltas(*features(bench.train), signed=signed)
+        drm_test = drm.deltas(*features(bench.test), signed=signed)
+        curves[name] = kshot_curves(
+            num_train, [drm_test[rows] for rows in test_rows], drm_fitter(drm_train, train_rows), ks, num_draws, seed
+        )
     timings["drm_s"] = time.perf_counter() - start
 
     for variant in variants:
@@ -575,8 +598,17 @@ def evaluate_benchmark(
         test_scores = scores_from_features(model, bench.test.features)
         test_deltas = [test_scores.expert_deltas[rows] for rows in test_rows]
         constant[f"{variant}_unadapted"] = constant_accuracy(
-            [test_scores.reward_deltas[rows] > 0 for rows in test_rows]
+            [correct(test_scores.reward_deltas[rows]) for rows in test_rows]
         )
+        if MOE_VARIANTS[variant].get("learn_user_weights"):
+            # Seen users: the weights learned jointly with the model on all of each user's training pairs.
+            profiles = trainer.export_user_profiles()
+            constant[f"{variant}_joint_profiles"] = constant_accuracy(
+                [
+                    correct(test_scores.expert_deltas[rows] @ np.asarray(profiles[bench.users[user]].expert_weights))
+                    for user, rows in enumerate(test_rows)
+                ]
+            )
         extra[f"{variant}_expert_accuracy_by_user"] = [
             (test_scores.expert_deltas[rows] > 0).mean(axis=0).round(3).tolist() for rows in test_rows
         ]
@@ -709,7 +741,10 @@ def check_targets(result: dict[str, Any], k: int = 8) -> dict[str, Any]:
     def at_k(name: str) -> float:
         return next(entry["mean"] for entry in result["curves"][name] if entry["k"] == k)
 
-    moe = {name: at_k(name) for name in result["curves"] if not name.startswith(("drm", "dense"))}
+    # Unseen-user adaptation only: the joint variant trained with the users' ids is reported separately.
+    moe = {
+        name: at_k(name) for name in result["curves"] if not name.startswith(("drm", "dense")) and "joint" not in name
+    }
     dense = max((at_k(name) for name in result["curves"] if name.startswith("dense")), default=float("nan"))
     best_name = max(moe, key=moe.get)
     best = moe[best_name]
@@ -736,7 +771,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--cache_dir", default=None, help="Feature cache (default: <tmp>/trl_moe_rm_bench).")
     parser.add_argument("--output_dir", default=None, help="Where results.json / results.md go (default: cache).")
     parser.add_argument("--backbone", default=None, help="Backbone path (default: the packaged all-MiniLM-L6-v2).")
-    parser.add_argument("--variants", nargs="+", default=list(MOE_VARIANTS), choices=list(MOE_VARIANTS))
+    parser.add_argument("--variants", nargs="*", default=list(MOE_VARIANTS), choices=list(MOE_VARIANTS))
     parser.add_argument("--methods", nargs="+", default=["hedge", "hyre", "gradient"])
     parser.add_argument("--priors", nargs="+", default=["routing"], choices=["routing", "uniform"])
     parser.add_argument("--ks", nargs="+", type=int, default=list(DEFAULT_KS))

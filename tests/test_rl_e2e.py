@@ -8,8 +8,8 @@ increasing function of the completion length for a fixed prompt length. Expert 0
 good), expert 1 scores `+a * (share - c)` (long is good). User A's profile is one-hot on expert 0, user B's on
 expert 1. The policy is a tiny random Llama whose prompts end with the user's tag ("alpha" for A, "beta" for B).
 
-Wall times on the development machine (2 CPU cores shared with other jobs; CPU time in brackets):
-RLOO ~45-60 s (~15-20 s), GRPO ~15 s (~6 s), ZeRO-3 launch ~60-90 s.
+Wall times on the development machine (2 CPU cores shared with other jobs, one torch thread): RLOO ~4 s, GRPO ~1 s,
+each recipe ~1 s, ZeRO-3 launch ~31 s.
 """
 
 import json
@@ -228,9 +228,10 @@ def test_rloo_personalizes_each_user(reward_model, tokenizer, tmp_path):
     assert after["A"]["length"] + 3 < after["B"]["length"], after
     assert after["A"]["length"] < before["A"]["length"] - 2 and after["B"]["length"] > before["B"]["length"] + 1.5
     # The per-user metrics were logged at every step, and no user fell back to the default routing.
-    steps = [entry for entry in trainer.state.log_history if "personalized_reward/user/A" in entry]
-    assert len(steps) == 12 and all("personalized_reward/user/B" in entry for entry in steps)
-    assert all(entry["personalized_reward/fallbacks"] == 0 for entry in steps)
+    steps = [entry for entry in trainer.state.log_history if "personalized_reward/fallbacks" in entry]
+    assert len(steps) == 12 and all(entry["personalized_reward/fallbacks"] == 0 for entry in steps)
+    for user in TAGS:  # 8 of the 28 prompts per step: both users show up in nearly every step
+        assert sum(f"personalized_reward/user/{user}" in entry for entry in steps) >= 10
     assert reward.num_fallbacks == 0
 
 

@@ -33,7 +33,7 @@ from .fitting import fit_hyre
 from .init import principal_directions
 
 
-__all__ = ["DecomposedRewardHeads", "bradley_terry_accuracy", "fit_bradley_terry_head"]
+__all__ = ["DecomposedRewardHeads", "bradley_terry_accuracy", "cross_validated_l2", "fit_bradley_terry_head"]
 
 
 def _as_float64(features) -> torch.Tensor:
@@ -75,10 +75,16 @@ class DecomposedRewardHeads:
     def num_heads(self) -> int:
         return self.directions.shape[0]
 
-    def deltas(self, chosen_features, rejected_features) -> np.ndarray:
-        """Per-head reward differences `(n, K)` of pairs."""
+    def deltas(self, chosen_features, rejected_features, signed: bool = False) -> np.ndarray:
+        """
+        Per-head reward differences `(n, K)` of pairs. With `signed=True`, `(n, 2K)`: each head and its opposite
+        (`+v_1, -v_1, +v_2, -v_2, ...`), so that simplex weights can use either sign of every direction.
+        """
         differences = _as_float64(chosen_features) - _as_float64(rejected_features)
-        return (differences @ self.directions.T).numpy()
+        deltas = (differences @ self.directions.T).numpy()
+        if signed:
+            deltas = np.stack([deltas, -deltas], axis=-1).reshape(deltas.shape[0], -1)
+        return deltas
 
     def adapt(self, deltas, temperature: float = 1.0, mask=None) -> np.ndarray:
         r"""
@@ -98,10 +104,10 @@ class DecomposedRewardHeads:
         mask_t = None if mask is None else torch.as_tensor(np.asarray(mask), dtype=torch.bool)
         return fit_hyre(torch.as_tensor(np.asarray(deltas)), temperature=temperature, mask=mask_t).double().numpy()
 
-    def accuracy(self, chosen_features, rejected_features, weights) -> float:
-        """Pairwise accuracy of the weighted heads `sum_k w_k r_k` (ties count as errors)."""
-        combined = self.deltas(chosen_features, rejected_features) @ np.asarray(weights, dtype=np.float64)
-        return float(np.mean(combined > 0))
+    def accuracy(self, chosen_features, rejected_features, weights, signed: bool = False) -> float:
+        """Pairwise accuracy of the weighted heads `sum_k w_k r_k`; a tie counts as half a correct pair."""
+        combined = self.deltas(chosen_features, rejected_features, signed) @ np.asarray(weights, dtype=np.float64)
+        return float(np.mean((combined > 0) + 0.5 * (combined == 0)))
 
 
 def fit_bradley_terry_head(
@@ -153,7 +159,36 @@ def fit_bradley_terry_head(
     return (weights.detach() / scale).to(torch.float64)
 
 
+def cross_validated_l2(
+    chosen_features,
+    rejected_features,
+    grid: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0),
+    num_folds: int = 5,
+    seed: int = 0,
+) -> float:
+    """
+    The ridge penalty of [`fit_bradley_terry_head`] with the best `num_folds`-fold cross-validated pairwise accuracy
+    (ties broken toward the larger penalty), using only the given (training) pairs.
+    """
+    chosen, rejected = _as_float64(chosen_features), _as_float64(rejected_features)
+    num_pairs = chosen.shape[0]
+    if num_pairs < num_folds:
+        return max(grid)
+    folds = np.array_split(np.random.default_rng(seed).permutation(num_pairs), num_folds)
+    scores = []
+    for l2 in grid:
+        correct = 0.0
+        for fold in folds:
+            train = np.setdiff1d(np.arange(num_pairs), fold)
+            head = fit_bradley_terry_head(chosen[train], rejected[train], l2=l2)
+            correct += bradley_terry_accuracy(head, chosen[fold], rejected[fold]) * len(fold)
+        scores.append(correct / num_pairs)
+    best = max(scores)
+    return max(l2 for l2, score in zip(grid, scores) if score >= best - 1e-12)
+
+
 def bradley_terry_accuracy(head: torch.Tensor, chosen_features, rejected_features) -> float:
-    """Pairwise accuracy of a linear head `w` (ties count as errors)."""
+    """Pairwise accuracy of a linear head `w`; a tie (equal rewards) counts as half a correct pair (a coin flip)."""
     differences = _as_float64(chosen_features) - _as_float64(rejected_features)
-    return float(((differences @ head.to(torch.float64)) > 0).double().mean())
+    margins = differences @ head.to(torch.float64)
+    return float(((margins > 0).double() + 0.5 * (margins == 0).double()).mean())

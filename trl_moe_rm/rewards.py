@@ -41,6 +41,7 @@ logger = logging.get_logger(__name__)
 
 DEFAULT_NAME = "personalized_reward"
 OTHER_USERS_KEY = "_other"
+MISSING_USER_KEY = "_missing"
 
 
 class RunningMeanStd:
@@ -85,8 +86,9 @@ class PersonalizedReward:
 
     The expert rewards `r_k(x, y)` and the default routing `g(x)` of every (prompt, completion) come from one batched
     pass of the MoE model; [`UserRewards`] then mixes them with the weights of the row's user (from `profiles`). A user
-    without a profile falls back to the default routing `sum_k g_k(x) r_k(x, y)` and is counted in `num_fallbacks`,
-    unless `strict=True`, which raises [`~trl_moe_rm.profiles.UnknownUserError`].
+    without a profile, or a row without a user id (`None`, `""` or NaN), falls back to the default routing
+    `sum_k g_k(x) r_k(x, y)` and is counted in `num_fallbacks`, unless `strict=True`, which raises
+    [`~trl_moe_rm.profiles.UnknownUserError`].
 
     TRL calls it as `reward(prompts=..., completions=..., completion_ids=..., **columns)` where `columns` holds the
     dataset's other columns (one value per completion), plus `trainer_state`, `log_metric` and `log_extra`. The user of
@@ -140,7 +142,7 @@ class PersonalizedReward:
         max_logged_users (`int`, *optional*, defaults to `8`):
             With TRL's `log_metric`, the mean reward of the first `max_logged_users` users seen is logged as
             `<name>/user/<user_id>`, and that of all later users together as `<name>/user/_other`, so that the
-            number of logged keys stays bounded. `<name>/fallbacks` is the number of rows of the call scored with the
+            number of logged keys stays bounded (rows without a user id are logged as `_missing`). `<name>/fallbacks` is the number of rows of the call scored with the
             default routing (TRL averages it over the calls of a logging step). `0` logs only the fallbacks.
 
     Example:
@@ -201,7 +203,8 @@ class PersonalizedReward:
         model.requires_grad_(False)
         self.model = model
         self.tokenizer = _tokenizer_for(model, tokenizer)
-        self.user_rewards = UserRewards(model, profiles, strict=strict)
+        self.profiles = profiles
+        self.user_rewards = UserRewards(model, _ProfileLookup(profiles), strict=strict)
         self.user_column = user_column
         self.batch_size = batch_size
         self.normalize = normalize
@@ -448,7 +451,7 @@ class PersonalizedReward:
     ) -> None:
         groups: dict[str, list[int]] = {}
         for row, user_id in enumerate(user_ids):
-            key = str(user_id)
+            key = MISSING_USER_KEY if is_missing_user(user_id) else str(user_id)
             if key not in self._logged_users:
                 if len(self._logged_users) < self.max_logged_users:
                     self._logged_users.add(key)
@@ -458,6 +461,27 @@ class PersonalizedReward:
         for key in sorted(groups):
             log_metric(f"{self.__name__}/user/{key}", float(rewards[groups[key]].mean()))
         log_metric(f"{self.__name__}/fallbacks", float(fallbacks))
+
+
+def is_missing_user(user_id: Any) -> bool:
+    """Whether a user id is missing: `None`, an empty string or a float NaN (e.g. an empty cell of a table)."""
+    return (
+        user_id is None
+        or (isinstance(user_id, str) and not user_id.strip())
+        or (isinstance(user_id, float) and math.isnan(user_id))
+    )
+
+
+class _ProfileLookup:
+    """`profiles.get(user_id)` that treats a missing user id as a user without a profile (default routing)."""
+
+    def __init__(self, profiles: Any) -> None:
+        self.profiles = profiles
+
+    def get(self, user_id: Any, default: Any = None) -> Any:
+        if is_missing_user(user_id):
+            return default
+        return self.profiles.get(user_id, default)
 
 
 def _text(completion: Any) -> str:
@@ -509,4 +533,4 @@ def unpartition_zero3(model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["PersonalizedReward", "RunningMeanStd", "unpartition_zero3"]
+__all__ = ["PersonalizedReward", "RunningMeanStd", "is_missing_user", "unpartition_zero3"]
