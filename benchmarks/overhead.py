@@ -14,13 +14,17 @@ so that neither the allocator state nor the import warm-up of one run leaks into
 
 - **Throughput**: pairs per second over the training steps after `--warmup_steps` (wall time from the end of the
   warm-up step to the end of the last step, as stamped by a `TrainerCallback`: data collation, forward, backward,
-  optimizer, metrics and logging included). The ratio is `moe / trl` per repeat.
+  optimizer, metrics and logging included). The ratio is `moe / trl` per repeat. On a shared CPU the wall time
+  mostly measures the other processes, so the CPU time of the training thread over the same steps
+  (`time.thread_time`, with `--threads 1` all the work runs in that thread) is reported too, as
+  `cpu_time_throughput_ratio_vs_trl = cpu_step(trl) / cpu_step(moe)`.
 - **Memory**: the peak growth of the process's resident set size during `trainer.train()` (RSS sampled every 2 ms by
   a thread, minus the RSS just before `train()`), i.e. activations, gradients, optimizer states and the allocator's
   working set. PyTorch has no allocator statistics for CPU tensors and `tracemalloc` does not see them (they are not
   allocated through Python's allocator), so RSS growth is the meaningful CPU measure; large tensors are `mmap`-ed by
   glibc and returned on free, so it tracks the live tensors closely. Model weights, created before `train()`, are not
-  counted: the head adds `2 * K * hidden` parameters, reported separately.
+  counted: the head adds `2 * K * hidden` parameters, reported separately. The workers run with a fixed glibc mmap
+  threshold (`MALLOC_MMAP_THRESHOLD_=131072`) so that freed tensors leave the resident set.
 
 On a GPU (`--device cuda`, see `benchmarks/gpu_throughput.sh`) the memory is the peak growth of
 `torch.cuda.max_memory_allocated()` during `train()`, bf16 mixed precision is on, and `--backbone` takes a real
@@ -94,8 +98,10 @@ class StepClock:
                 if synchronize is not None:
                     synchronize()
                 clock.stamps.append(time.perf_counter())
+                clock.cpu_stamps.append(time.thread_time())
 
         self.stamps: list[float] = []
+        self.cpu_stamps: list[float] = []  # CPU time of the training thread: insensitive to other processes
         self.callback = _Callback()
 
 
@@ -250,7 +256,13 @@ def worker(options: argparse.Namespace) -> dict[str, Any]:
         )
     else:
         set_seed(options.seed)
-        model = MoERewardModel.from_backbone(make_backbone(), num_experts=options.num_experts, top_k=options.top_k)
+        routing = {"router_input": options.router_input, "prompt_encoding": options.prompt_encoding}
+        model = MoERewardModel.from_backbone(
+            make_backbone(),
+            num_experts=options.num_experts,
+            top_k=options.top_k,
+            **{key: value for key, value in routing.items() if value is not None},
+        )
         head_parameters = sum(p.numel() for p in model.router.parameters()) + sum(
             p.numel() for p in model.experts.parameters()
         )
@@ -277,11 +289,13 @@ def worker(options: argparse.Namespace) -> dict[str, Any]:
     measured = stamps[options.warmup_steps - 1 :]
     seconds = measured[-1] - measured[0]
     steps = len(measured) - 1
+    cpu_measured = clock.cpu_stamps[options.warmup_steps - 1 :]
     return {
         "kind": options.kind,
         "num_experts": options.num_experts if options.kind == "moe" else None,
         "step_seconds": seconds / steps,
         "pairs_per_second": steps * options.batch_size / seconds,
+        "cpu_step_seconds": (cpu_measured[-1] - cpu_measured[0]) / steps,
         "peak_memory_growth_mib": (memory.peak - memory.baseline) / 2**20,
         "baseline_memory_mib": memory.baseline / 2**20,
         "memory_measure": "cuda_max_memory_allocated" if cuda else "process_rss",
@@ -309,7 +323,13 @@ def spawn(options: argparse.Namespace, kind: str, num_experts: int) -> dict[str,
     command += ["--bf16", str(options.bf16).lower(), "--gradient_checkpointing", str(options.gradient_checkpointing)]
     if options.backbone is not None:
         command += ["--backbone", options.backbone]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    for name in ("router_input", "prompt_encoding"):
+        if getattr(options, name) is not None:
+            command += [f"--{name}", getattr(options, name)]
+    # A fixed mmap threshold: glibc then serves every allocation above 128 KiB (all but tiny tensors) with mmap and
+    # returns it on free, so the resident set tracks the live tensors instead of the allocator's cached heap.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    result = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     if result.returncode != 0:
         raise RuntimeError(f"worker failed ({' '.join(command)}):\n{result.stderr[-4000:]}")
     line = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")][-1]
@@ -348,6 +368,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     parser.add_argument("--dtype", default="float32", help="Weights dtype of a --backbone (e.g. bfloat16).")
     parser.add_argument("--bf16", type=str_to_bool, default=True, help="Mixed precision (cuda only).")
     parser.add_argument("--gradient_checkpointing", type=str_to_bool, default=False)
+    parser.add_argument("--router_input", choices=["prompt", "sequence"], default=None, help="MoE router input.")
+    parser.add_argument(
+        "--prompt_encoding",
+        choices=["shared", "separate"],
+        default=None,
+        help="MoE prompt encoding (default: separate for encoders, shared for decoders).",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default=None)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -377,6 +404,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     summary: dict[str, Any] = {
         "trl": {
             "step_seconds": summarize([r["step_seconds"] for r in trl.values()]),
+            "cpu_step_seconds": summarize([r["cpu_step_seconds"] for r in trl.values()]),
             "peak_memory_growth_mib": summarize([r["peak_memory_growth_mib"] for r in trl.values()]),
         }
     }
@@ -388,6 +416,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
             "throughput_ratio_vs_trl": summarize(
                 [moe[i]["pairs_per_second"] / trl[i]["pairs_per_second"] for i in moe]
             ),
+            "cpu_time_throughput_ratio_vs_trl": summarize(
+                [trl[i]["cpu_step_seconds"] / moe[i]["cpu_step_seconds"] for i in moe]
+            ),
+            "cpu_step_seconds": summarize([r["cpu_step_seconds"] for r in moe.values()]),
             "memory_ratio_vs_trl": summarize(
                 [moe[i]["peak_memory_growth_mib"] / trl[i]["peak_memory_growth_mib"] for i in moe]
             ),

@@ -14,9 +14,9 @@ randomly initialised Llama, by default hidden 256, 4 layers, 4 heads, vocab 4096
   the router on the prompt, the K expert heads and the per-user mixture included. Its `batch_size` equals the number
   of completions per call, so both sides run one forward pass over the same rows.
 
-The two are timed alternately (which goes first alternates too) for `--repeats` rounds after `--warmup` rounds; each
-round scores `--calls` batches of `--batch_size` completions. The reported ratio is the median over rounds of
-`personalized throughput / plain throughput` (completions per second).
+The two are timed alternately, batch by batch (which goes first alternates too), for `--repeats` rounds after `--warmup`
+rounds; each round scores `--calls` batches of `--batch_size` completions on both sides. The reported ratio is the
+median over rounds of `personalized throughput / plain throughput` (completions per second).
 
 ```bash
 python benchmarks/reward_throughput.py --repeats 9 --output docs/_bench_reward_throughput.md
@@ -110,15 +110,6 @@ def score_plain(model, tokenizer, batch: dict[str, list]) -> list[float]:
         return model(**inputs).logits[:, 0].tolist()
 
 
-def time_round(score, batches: list[dict[str, list]]) -> float:
-    """Completions per second over all batches."""
-    start = time.perf_counter()
-    total = 0
-    for batch in batches:
-        total += len(score(batch))
-    return total / (time.perf_counter() - start)
-
-
 def machine() -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     try:
@@ -142,7 +133,9 @@ def machine() -> dict[str, Any]:
 def markdown(args: argparse.Namespace, info: dict[str, Any], results: dict[str, Any]) -> str:
     command = (
         f"python benchmarks/reward_throughput.py --repeats {args.repeats} --batch_size {args.batch_size} "
-        f"--calls {args.calls} --output docs/_bench_reward_throughput.md"
+        f"--calls {args.calls}"
+        + (f" --threads {args.threads}" if args.threads else "")
+        + " --output docs/_bench_reward_throughput.md"
     )
     setup = (
         f"Completions scored per second by `PersonalizedReward` (MoE reward model, {args.num_experts} experts top-2, "
@@ -151,8 +144,8 @@ def markdown(args: argparse.Namespace, info: dict[str, Any], results: dict[str, 
         "trainers score an `nn.Module` reward. Same process, same backbone weights (random Llama: hidden "
         f"{args.hidden_size}, {args.num_layers} layers, {args.num_heads} heads, vocab {args.vocab_size}), same batches "
         f"of {args.batch_size} completions ({args.num_generations} per prompt, prompts of 16-32 tokens, completions of "
-        f"32-96 tokens), one forward pass per batch on both sides, timed alternately: {args.repeats} rounds of "
-        f"{args.calls} batches after {args.warmup} warm-up round(s)."
+        f"32-96 tokens), one forward pass per batch on both sides, timed alternately batch by batch: {args.repeats} "
+        f"rounds of {args.calls} batches after {args.warmup} warm-up round(s)."
     )
     machine_line = (
         f"Machine: {info['cpu']}, {info['cores']} cores, {info['torch_threads']} torch threads, torch {info['torch']}, "
@@ -193,6 +186,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--output", help="write the results as a markdown section to this file")
     args = parser.parse_args()
     if args.batch_size % args.num_generations:
@@ -205,15 +199,27 @@ def main() -> None:
         "plain": lambda batch: score_plain(plain, tokenizer, batch),
         "personalized": lambda batch: reward(**batch),
     }
+    if args.threads:
+        torch.set_num_threads(args.threads)
     for _ in range(args.warmup):
         for run in runners.values():
-            time_round(run, batches)
+            for batch in batches:
+                run(batch)
 
     throughput: dict[str, list[float]] = {"plain": [], "personalized": []}
     for round_index in range(args.repeats):
-        order = ["plain", "personalized"] if round_index % 2 == 0 else ["personalized", "plain"]
-        for name in order:
-            throughput[name].append(time_round(runners[name], batches))
+        # Interleaved batch by batch (which side goes first alternates), so that both see the same machine load.
+        seconds = {"plain": 0.0, "personalized": 0.0}
+        completions = 0
+        for batch_index, batch in enumerate(batches):
+            order = ["plain", "personalized"] if (round_index + batch_index) % 2 == 0 else ["personalized", "plain"]
+            for name in order:
+                start = time.perf_counter()
+                runners[name](batch)
+                seconds[name] += time.perf_counter() - start
+            completions += len(batch["prompts"])
+        for name in throughput:
+            throughput[name].append(completions / seconds[name])
         print(
             f"round {round_index}: plain {throughput['plain'][-1]:.1f}/s, personalized "
             f"{throughput['personalized'][-1]:.1f}/s, ratio {throughput['personalized'][-1] / throughput['plain'][-1]:.3f}"

@@ -50,7 +50,7 @@ def main() -> None:
         report_to="none",
         save_strategy="no",
         ddp_backend="gloo",
-        use_cpu=False,  # use_cpu=True would silently replace DeepSpeed by DDP
+        use_cpu=False,  # no GPU is visible: DeepSpeed runs on its CPU accelerator (the test checks ZeRO-3 is used)
         bf16=False,
         seed=0,
         disable_tqdm=True,

@@ -4,7 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from trl_moe_rm.baselines import DecomposedRewardHeads, bradley_terry_accuracy, fit_bradley_terry_head
+from trl_moe_rm.baselines import (
+    DecomposedRewardHeads,
+    bradley_terry_accuracy,
+    cross_validated_l2,
+    fit_bradley_terry_head,
+)
 
 
 HIDDEN = 24
@@ -72,6 +77,21 @@ def test_drm_adapt_is_batched_over_users():
     assert batched.shape == (4, 3)
     for user in range(4):
         assert batched[user] == pytest.approx(drm.adapt(deltas[user]), abs=1e-6)
+
+
+def test_signed_heads_and_cross_validated_penalty():
+    data, _ = _users(num_pairs=60)
+    chosen = torch.cat([pairs[0] for pairs in data])
+    rejected = torch.cat([pairs[1] for pairs in data])
+    drm = DecomposedRewardHeads.fit(chosen, rejected, num_heads=2)
+    plain, signed = drm.deltas(chosen, rejected), drm.deltas(chosen, rejected, signed=True)
+    assert signed.shape == (240, 4)
+    assert np.allclose(signed[:, 0::2], plain) and np.allclose(signed[:, 1::2], -plain)
+    # Pooled, the four users cancel: the zero head ties on every pair, which scores as a coin flip.
+    assert bradley_terry_accuracy(torch.zeros(HIDDEN, dtype=torch.float64), chosen, rejected) == 0.5
+    user_chosen, user_rejected = data[0]
+    l2 = cross_validated_l2(user_chosen, user_rejected, grid=(1e-3, 1.0, 100.0))
+    assert l2 in (1e-3, 1.0)  # a huge penalty flattens the head: it never wins the cross-validation
 
 
 def test_bradley_terry_head_learns_a_planted_direction():
@@ -165,6 +185,7 @@ def test_benchmark_kshot_core_adapts_controlled_users():
         num_draws=20,
     )
     assert [entry["k"] for entry in curve] == [1, 8]
+    assert bench.correct([1.0, -1.0, 0.0]).tolist() == [1.0, 0.0, 0.5]
     for entry in curve:
         assert entry["low"] <= entry["mean"] <= entry["high"] and len(entry["per_user"]) == 6
     at_8 = curve[1]["mean"]
