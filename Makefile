@@ -5,13 +5,14 @@ PY := $(VENV)/bin/python
 # Pinned here, not in pyproject.toml: torch==2.13.0 is the CPU build available offline on the reference machine.
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
-# PPO lives in trl.experimental.ppo only in trl 1.0-1.12 (removed in 1.13): `make test-ppo` tests it in its own venv.
-VENV_PPO ?= .venv-ppo
-PY_PPO := $(VENV_PPO)/bin/python
+# Other trl versions get their own venv, `.venv-trl-<version>`:
+# - PPO lives in trl.experimental.ppo only in trl 1.0-1.12 (removed in 1.13): `make test-ppo` tests it on 1.12.0;
+# - `make test-trl-min` runs the trainer, model, personalization and reward tests on the oldest supported trl.
 TRL_PPO_VERSION ?= 1.12.0
-PPO_PYTEST_ARGS ?=
+TRL_MIN_VERSION ?= 1.0.0
+TRL_MIN_TESTS ?= tests/test_trainer.py tests/test_modeling.py tests/test_personalization.py tests/test_rewards.py
 
-.PHONY: setup test test-unit test-ppo demo lint clean
+.PHONY: setup test test-unit test-ppo test-trl-min demo lint clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,16 +30,21 @@ lint: setup
 test: lint
 	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; rc=0; fi; exit $$rc
 	$(MAKE) test-ppo
+	$(MAKE) test-trl-min
 
-$(VENV_PPO)/.installed: pyproject.toml
-	test -x $(PY_PPO) || $(PYTHON) -m venv $(VENV_PPO)
-	$(PY_PPO) -m pip install -q torch==$(TORCH_VERSION)
-	$(PY_PPO) -m pip install -q trl==$(TRL_PPO_VERSION) pytest scikit-learn -e .
+.venv-trl-%/.installed: pyproject.toml
+	test -x .venv-trl-$*/bin/python || $(PYTHON) -m venv .venv-trl-$*
+	.venv-trl-$*/bin/python -m pip install -q torch==$(TORCH_VERSION)
+	.venv-trl-$*/bin/python -m pip install -q trl==$* pytest -e .
 	touch $@
 
 # TRL's PPOTrainer with `MoERewardModel.for_user(profile)` as its reward model, on trl==$(TRL_PPO_VERSION).
-test-ppo: $(VENV_PPO)/.installed
-	$(PY_PPO) -m pytest -p no:cacheprovider tests/test_ppo.py $(PPO_PYTEST_ARGS)
+test-ppo: .venv-trl-$(TRL_PPO_VERSION)/.installed
+	.venv-trl-$(TRL_PPO_VERSION)/bin/python -m pytest -p no:cacheprovider tests/test_ppo.py
+
+# The oldest supported trl: the fast trainer, model, personalization and reward tests.
+test-trl-min: .venv-trl-$(TRL_MIN_VERSION)/.installed
+	.venv-trl-$(TRL_MIN_VERSION)/bin/python -m pytest -p no:cacheprovider -m "not slow" $(TRL_MIN_TESTS)
 
 test-unit: lint
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
@@ -47,4 +53,4 @@ demo: setup
 	$(VENV)/bin/trl-moe-rm demo
 
 clean:
-	rm -rf $(VENV) demo_output .pytest_cache
+	rm -rf $(VENV) .venv-trl-* demo_output .pytest_cache

@@ -512,6 +512,86 @@ def train_moe(
     return trainer
 
 
+def finetune_backbone(
+    bench: Benchmark,
+    backbone: str,
+    tokenizer,
+    output_dir: Path,
+    num_pairs: int = 1000,
+    num_train_epochs: float = 1,
+    backbone_learning_rate: float = 3e-5,
+    head_learning_rate: float = 1e-2,
+    batch_size: int = 16,
+    num_experts: int = 8,
+    seed: int = 0,
+) -> str:
+    """
+    Fine-tune the backbone with [`MoERewardTrainer`] (no freeze) on `num_pairs` random training pairs, with the best
+    hidden-context configuration (assignment loss, experts initialised from the principal directions of the frozen
+    features), and save it as a plain backbone checkpoint for [`load_backbone`]. Only training pairs are used.
+    """
+    from transformers import PrinterCallback, set_seed
+
+    from trl_moe_rm import MoERewardConfig, MoERewardModel, MoERewardTrainer
+    from trl_moe_rm.init import apply_expert_init, pca_expert_init
+
+    target = output_dir / "finetuned_backbone"
+    if (target / "config.json").is_file():
+        return str(target)
+    set_seed(seed)
+    rows = np.random.default_rng(seed).choice(len(bench.train), size=min(num_pairs, len(bench.train)), replace=False)
+    subset = bench.train.select(np.sort(rows))
+    model = MoERewardModel.from_backbone(backbone, num_experts=num_experts, top_k=2)
+    # The frozen features are already cached: initialise the experts from them (what `expert_init="pca"` computes).
+    apply_expert_init(
+        model,
+        pca_expert_init(
+            bench.train.features["chosen_features"], bench.train.features["rejected_features"], num_experts
+        ),
+    )
+    heads = [param for name, param in model.named_parameters() if not name.startswith("backbone.")]
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": list(model.backbone.parameters()), "lr": backbone_learning_rate},
+            {"params": heads, "lr": head_learning_rate},
+        ],
+        weight_decay=0.0,
+    )
+    args = MoERewardConfig(
+        output_dir=str(output_dir / "finetune_run"),
+        num_train_epochs=num_train_epochs,
+        per_device_train_batch_size=batch_size,
+        seed=seed,
+        data_seed=seed,
+        logging_steps=10,
+        save_strategy="no",
+        report_to="none",
+        bf16=False,
+        use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=True,
+        max_length=None,
+        num_experts=num_experts,
+        loss_type="assignment",
+        assignment_temperature=0.5,
+        balance_coef=0.0,
+        lr_scheduler_type="constant",
+    )
+    start = time.perf_counter()
+    trainer = MoERewardTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_dict(subset.tokens),
+        processing_class=tokenizer,
+        optimizers=(optimizer, None),
+    )
+    trainer.remove_callback(PrinterCallback)
+    trainer.train()
+    model.backbone.save_pretrained(str(target))
+    tokenizer.save_pretrained(str(target))
+    print(f"[finetune] {len(subset)} pairs, {time.perf_counter() - start:.0f} s -> {target}", flush=True)
+    return str(target)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Running the comparison
 # ----------------------------------------------------------------------------------------------------------------------
@@ -782,6 +862,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--controlled_users", type=int, default=16)
     parser.add_argument("--controlled_train_pairs", type=int, default=160)
     parser.add_argument("--controlled_test_pairs", type=int, default=80)
+    parser.add_argument(
+        "--finetune_pairs",
+        type=int,
+        default=0,
+        help="Also fine-tune the backbone on this many DSP training pairs and rerun DSP on its features (0: skip).",
+    )
+    parser.add_argument(
+        "--finetuned_only", action="store_true", help="With --finetune_pairs: skip the frozen-backbone DSP run."
+    )
     parser.add_argument("--speed_only", action="store_true", help="Only time the fitting API.")
     parser.add_argument("--skip_speed", action="store_true")
     args = parser.parse_args(argv)
@@ -818,28 +907,61 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             if bench is None:
                 report["datasets"][name] = {"skipped": "data not found"}
                 continue
-            result = evaluate_benchmark(
-                bench,
-                backbone,
-                tokenizer,
-                output_dir / name,
-                args.variants,
-                methods=args.methods,
-                ks=args.ks,
-                num_draws=args.num_draws,
-                num_experts=args.num_experts,
-                num_train_epochs=args.num_train_epochs,
-                seed=args.seed,
-                priors=args.priors,
+            finetuned_only = name == "dsp" and args.finetuned_only and args.finetune_pairs > 0
+            result = (
+                None
+                if finetuned_only
+                else evaluate_benchmark(
+                    bench,
+                    backbone,
+                    tokenizer,
+                    output_dir / name,
+                    args.variants,
+                    methods=args.methods,
+                    ks=args.ks,
+                    num_draws=args.num_draws,
+                    num_experts=args.num_experts,
+                    num_train_epochs=args.num_train_epochs,
+                    seed=args.seed,
+                    priors=args.priors,
+                )
             )
-            result["info"] = bench.info
-            result["seconds"] = time.perf_counter() - start
-            if name == "dsp" and 8 in args.ks:
-                result["targets"] = check_targets(result)
-            report["datasets"][name] = result
-            print(f"\n## {name}\n\n{markdown_table(result, args.ks)}", flush=True)
-            if "targets" in result:
-                print(json.dumps(result["targets"], indent=2), flush=True)
+            if result is not None:
+                result["info"] = bench.info
+                result["seconds"] = time.perf_counter() - start
+                if name == "dsp" and 8 in args.ks:
+                    result["targets"] = check_targets(result)
+                report["datasets"][name] = result
+                print(f"\n## {name}\n\n{markdown_table(result, args.ks)}", flush=True)
+                if "targets" in result:
+                    print(json.dumps(result["targets"], indent=2), flush=True)
+            if name == "dsp" and args.finetune_pairs > 0:
+                start = time.perf_counter()
+                tuned_path = finetune_backbone(
+                    bench, backbone, tokenizer, output_dir, args.finetune_pairs, num_experts=args.num_experts
+                )
+                tuned_model, tuned_tokenizer = load_backbone(tuned_path)
+                tuned = build_dsp(tuned_model, tuned_tokenizer, args.data_dir, cache_dir, seed=args.seed)
+                result = evaluate_benchmark(
+                    tuned,
+                    tuned_path,
+                    tuned_tokenizer,
+                    output_dir / "dsp_finetuned",
+                    args.variants,
+                    methods=args.methods,
+                    ks=args.ks,
+                    num_draws=args.num_draws,
+                    num_experts=args.num_experts,
+                    num_train_epochs=args.num_train_epochs,
+                    seed=args.seed,
+                    priors=args.priors,
+                )
+                result["info"] = {**tuned.info, "finetune_pairs": args.finetune_pairs, "backbone": tuned_path}
+                result["seconds"] = time.perf_counter() - start
+                if 8 in args.ks:
+                    result["targets"] = check_targets(result)
+                report["datasets"]["dsp_finetuned"] = result
+                print(f"\n## dsp (fine-tuned backbone)\n\n{markdown_table(result, args.ks)}", flush=True)
     (output_dir / "results.json").write_text(json.dumps(report, indent=2, default=float))
     print(f"Results in {output_dir}/results.json", flush=True)
     return report

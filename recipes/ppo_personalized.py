@@ -11,7 +11,7 @@ Personalized PPO: train a policy with TRL's `PPOTrainer` against one user's rewa
 
 `PPOTrainer` lives in `trl.experimental.ppo` in trl 1.0 to 1.12 only: upstream TRL removed it in 1.13. This script
 checks the installed version and stops with a clear error otherwise; run it in an environment with `trl<=1.12.0`
-(e.g. `.venv-ppo`, made by `make test-ppo`). For current TRL, use `recipes/rloo_personalized.py` or
+(e.g. `.venv-trl-1.12.0`, made by `make test-ppo`). For current TRL, use `recipes/rloo_personalized.py` or
 `recipes/grpo_personalized.py`, which also serve many users in one run.
 
 PPO reads the reward at the last non-pad token of each sequence (`score(hidden_states)` of the reward model), so the
@@ -55,7 +55,7 @@ def check_trl_version() -> str:
         raise ImportError(
             f"recipes/ppo_personalized.py needs TRL's PPOTrainer (`trl.experimental.ppo`), which exists in trl 1.0 to "
             f"1.12 only (upstream TRL removed it in 1.13); trl {installed} is installed. Use an environment with "
-            "`pip install 'trl>=1.0,<=1.12.0'` (e.g. `make test-ppo` creates .venv-ppo with trl==1.12.0), or use "
+            "`pip install 'trl>=1.0,<=1.12.0'` (e.g. `make test-ppo` creates .venv-trl-1.12.0 with trl==1.12.0), or use "
             "recipes/rloo_personalized.py / recipes/grpo_personalized.py with the current TRL."
         )
     return installed

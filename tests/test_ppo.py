@@ -2,7 +2,7 @@
 `MoERewardModel.for_user(profile)` as the reward model of TRL's `PPOTrainer`.
 
 `trl.experimental.ppo` exists in trl 1.0-1.12 only (it was removed in 1.13), so this module runs in its own virtual
-environment: `make test-ppo` creates `.venv-ppo` with `trl==1.12.0` and runs it there. Elsewhere it is skipped.
+environment: `make test-ppo` creates `.venv-trl-1.12.0` with `trl==1.12.0` and runs it there. Elsewhere it is skipped.
 
 Wall times on the development machine (2 CPU cores shared with other jobs, one torch thread): PPO run ~13 s, recipe
 ~4 s.
@@ -17,7 +17,7 @@ import torch
 
 ppo = pytest.importorskip(
     "trl.experimental.ppo",
-    reason="trl.experimental.ppo exists in trl<=1.12 only; run `make test-ppo` (a .venv-ppo with trl==1.12.0)",
+    reason="trl.experimental.ppo exists in trl<=1.12 only; run `make test-ppo` (a .venv-trl-1.12.0 with trl==1.12.0)",
 )
 
 from datasets import Dataset  # noqa: E402
