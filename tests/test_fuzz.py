@@ -131,7 +131,7 @@ def every_loss(problem, router_logits, chosen, rejected, weight_vectors) -> dict
     margin, temperature = problem["margin"], problem["temperature"]
     routing = top_k_routing(router_logits, problem["top_k"], temperature)
     probs = torch.softmax(router_logits.float() / temperature, dim=-1)
-    deltas = chosen - rejected
+    deltas = chosen.float() - rejected.float()  # as the model computes them: float32 rewards of the rounded inputs
     # The routed reward, mixed in float32 as `MoERewardModel.forward` mixes it.
     reward_chosen = (routing * chosen.float()).sum(-1)
     reward_rejected = (routing * rejected.float()).sum(-1)

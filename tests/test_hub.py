@@ -433,7 +433,11 @@ def test_trainer_state_files_are_ignored_not_refused(trained, tmp_path):
     ]
 
 
-def test_hub_repo_with_pickles_is_refused_before_download(trained, fake_hub, tmp_path):
+def test_hub_repo_with_pickles_is_refused_before_download(trained, fake_hub, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    # The online path lists the repo's files before downloading anything (CI exports HF_HUB_OFFLINE=1).
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     model, tokenizer = trained
     push_moe_reward_model(model, "me/unsafe", tokenizer=tokenizer, token="t")
     fake_hub.repos["me/unsafe"]["pytorch_model.bin"] = b"\x80\x04K\x01."
