@@ -150,6 +150,34 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path, cache_fea
     assert losses_of(reference)[3:] == losses_of(resumed)[-4:]
 
 
+def test_resume_with_cached_features_re_encodes_when_the_backbone_differs(tmp_path, caplog):
+    # The trainer is rebuilt on another backbone (seed 1) than the checkpoint's (seed 0): the features it cached at
+    # construction are stale once the checkpoint is loaded, so they must be encoded again with the checkpoint's backbone.
+    common = {"max_steps": 7, "freeze_backbone": True, "cache_features": True, "eval_strategy": "no"}
+    held_out = separable_dataset(8, seed=3)
+    reference = make_trainer(tmp_path / "full", eval_dataset=held_out, **common)
+    reference.train()
+    interrupted = make_trainer(
+        tmp_path / "interrupted", eval_dataset=held_out, save_strategy="steps", save_steps=3, callbacks=[StopAfter(3)],
+        **common,
+    )
+    interrupted.train()
+
+    resumed = make_trainer(tmp_path / "interrupted", model_seed=1, eval_dataset=held_out, **common)
+    stale = resumed.cached_features(resumed.eval_dataset)["chosen_features"].clone()
+    with caplog.at_level("WARNING"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "interrupted" / "checkpoint-3"))
+    assert any("encoding the train and eval data again" in record.getMessage() for record in caplog.records)
+    assert losses_of(reference)[3:] == losses_of(resumed)[-4:]
+    assert_states_equal(head_state(reference.model), head_state(resumed.model))
+    for dataset in ("train_dataset", "eval_dataset"):
+        expected = reference.cached_features(getattr(reference, dataset))
+        got = resumed.cached_features(getattr(resumed, dataset))
+        for key, value in expected.items():
+            torch.testing.assert_close(got[key], value, rtol=0, atol=0)
+    assert not torch.equal(stale, resumed.cached_features(resumed.eval_dataset)["chosen_features"])
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The frozen-backbone fast path follows the uncached path
 # ----------------------------------------------------------------------------------------------------------------------
@@ -219,3 +247,14 @@ def test_cached_and_uncached_frozen_paths_agree(tmp_path, backbone):
             paired=True,
         ).logits[: len(test), 0]
     torch.testing.assert_close(from_cache.double().numpy(), before.chosen_rewards, rtol=1e-4, atol=1e-5)
+
+
+def test_cache_features_warns_that_it_encodes_without_dropout(tmp_path, caplog):
+    # The cache encodes in eval mode: it matches the uncached path only with TRL's default `disable_dropout=True`.
+    with caplog.at_level("WARNING"):
+        make_trainer(tmp_path, backbone="bert", freeze_backbone=True, cache_features=True, disable_dropout=False)
+    assert any("the backbone's dropout is not applied" in record.getMessage() for record in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        make_trainer(tmp_path, backbone="bert", freeze_backbone=True, cache_features=True)
+    assert not any("dropout" in record.getMessage() for record in caplog.records)

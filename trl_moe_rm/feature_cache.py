@@ -5,6 +5,8 @@ import json
 import os
 from typing import Any
 
+import numpy as np
+import pyarrow.compute as pc
 import torch
 from datasets import Dataset
 from safetensors.torch import load_file, save
@@ -43,13 +45,22 @@ class FeatureBank:
         return rows
 
     def lookup(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {key: tensor[rows] for key, tensor in self._materialize().items()}
+
+    def overwrite(self, rows: torch.Tensor, features: dict[str, torch.Tensor]) -> None:
+        """Replace the features stored at `rows` (after the backbone changed, e.g. on resume from a checkpoint)."""
+        for key, tensor in self._materialize().items():
+            tensor[rows] = features[key].to(tensor.dtype)
+
+    def _materialize(self) -> dict[str, torch.Tensor]:
         if self._tensors is None:
             self._tensors = {key: torch.cat(blocks) for key, blocks in self._blocks.items()}
-        return {key: tensor[rows] for key, tensor in self._tensors.items()}
+            self._blocks = {key: [tensor] for key, tensor in self._tensors.items()}
+        return self._tensors
 
 
-def features_fingerprint(model: MoERewardModel, dataset: Dataset) -> str:
-    """A key for the on-disk cache: the backbone's configuration and weights sample, the pooling, and the data."""
+def backbone_fingerprint(model: MoERewardModel) -> str:
+    """A cheap key of the backbone: its configuration, the pooling settings, and a sample of every weight."""
     backbone = model.backbone
     digest = hashlib.sha256()
     digest.update(json.dumps(backbone.config.to_dict(), sort_keys=True, default=str).encode())
@@ -57,6 +68,12 @@ def features_fingerprint(model: MoERewardModel, dataset: Dataset) -> str:
     for name, param in backbone.state_dict().items():
         digest.update(name.encode())
         digest.update(param.detach().float().flatten()[:256].cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def features_fingerprint(model: MoERewardModel, dataset: Dataset) -> str:
+    """A key for the on-disk cache: [`backbone_fingerprint`] and the data."""
+    digest = hashlib.sha256(backbone_fingerprint(model).encode())
     for column in ("chosen_ids", "rejected_ids", "prompt_length"):
         digest.update(json.dumps(list(dataset[column])).encode())
     return digest.hexdigest()[:32]
@@ -111,10 +128,12 @@ def encode_preference_dataset(
     was_training = model.training
     model.eval()
     device = device or next(model.parameters()).device
-    columns = ["chosen_ids", "rejected_ids", "prompt_length"]
+    table = dataset.select_columns(["chosen_ids", "rejected_ids", "prompt_length"])
+    # Batches of similar lengths need less padding (the encoding is cheaper); the rows are put back in order below.
+    order = _rows_by_length(table)
     blocks: dict[str, list[torch.Tensor]] = {key: [] for key in FEATURE_KEYS}
-    for start in range(0, len(dataset), batch_size):
-        rows = dataset.select_columns(columns)[start : start + batch_size]
+    for start in range(0, len(order), batch_size):
+        rows = table[order[start : start + batch_size]]
         examples = [dict(zip(rows, values)) for values in zip(*rows.values())]
         batch = collator(examples)
         sequence, router = model.encode(
@@ -128,7 +147,21 @@ def encode_preference_dataset(
         blocks["rejected_features"].append(rejected.float().cpu())
         blocks["router_features"].append(router.float().cpu())
     model.train(was_training)
-    features = {key: torch.cat(values) for key, values in blocks.items()}
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+    features = {key: torch.cat(values)[inverse] for key, values in blocks.items()}
     if path is not None:
         atomic_write_bytes(path, save(features))
     return features
+
+
+def _rows_by_length(table: Dataset) -> list[int]:
+    """Row indices sorted by the longer response of each pair, read with Arrow (no Python lists of token ids)."""
+    lengths = []
+    for batch in table.with_format("arrow").iter(batch_size=8192):
+        chosen = pc.list_value_length(batch["chosen_ids"]).to_numpy(zero_copy_only=False)
+        rejected = pc.list_value_length(batch["rejected_ids"]).to_numpy(zero_copy_only=False)
+        lengths.append(np.maximum(chosen, rejected))
+    if not lengths:
+        return []
+    return np.argsort(np.concatenate(lengths), kind="stable").tolist()

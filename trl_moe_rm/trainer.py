@@ -20,7 +20,7 @@ from trl.trainer.reward_trainer import DataCollatorForPreference
 from . import losses
 from .config import MoERewardConfig
 from .configuration_moe_reward import config_fingerprint
-from .feature_cache import FeatureBank, encode_preference_dataset
+from .feature_cache import FeatureBank, backbone_fingerprint, encode_preference_dataset
 from .init import apply_expert_init, pca_expert_init
 from .modeling_moe_reward import MoERewardModel
 from .profiles import PROFILES_DIRNAME, ProfileStore, UserProfile
@@ -194,7 +194,14 @@ class MoERewardTrainer(RewardTrainer):
                 raise ValueError("`cache_features=True` needs `freeze_backbone=True`: a trained backbone changes its features.")
             if peft_config is not None or is_peft_model(model):
                 raise ValueError("`cache_features=True` cannot be combined with PEFT: the adapters change the features.")
+            if not args.disable_dropout:
+                logger.warning(
+                    "`cache_features=True` encodes the data once, in eval mode: the backbone's dropout is not applied, "
+                    "whereas with `disable_dropout=False` the uncached path would train on dropped-out features. Set "
+                    "`disable_dropout=True` (the default) for the two paths to train the same model."
+                )
             self._feature_bank = FeatureBank()
+        self._encoded_backbone: str | None = None
         if data_collator is None:
             data_collator = DataCollatorForMoEPreference(
                 pad_token_id=processing_class.pad_token_id,
@@ -356,7 +363,12 @@ class MoERewardTrainer(RewardTrainer):
             raise ValueError("`cache_features=True` needs a map-style `Dataset`, not an `IterableDataset`.")
         if len(dataset) == 0:
             return dataset.add_column("feature_row", [])
-        features = encode_preference_dataset(
+        rows = self._feature_bank.add(self._encode(dataset, args))
+        return dataset.add_column("feature_row", list(rows))
+
+    def _encode(self, dataset: Dataset, args: MoERewardConfig) -> dict[str, torch.Tensor]:
+        self._encoded_backbone = backbone_fingerprint(self._moe_model)
+        return encode_preference_dataset(
             self._moe_model,
             dataset,
             self._cache_collator,
@@ -364,8 +376,21 @@ class MoERewardTrainer(RewardTrainer):
             device=args.device,
             cache_dir=args.feature_cache_dir,
         )
-        rows = self._feature_bank.add(features)
-        return dataset.add_column("feature_row", list(rows))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self._encoded_backbone is None or backbone_fingerprint(self._moe_model) == self._encoded_backbone:
+            return
+        # The checkpoint's backbone differs from the one the cache was encoded with: the cached features are stale.
+        logger.warning(
+            f"The backbone in {resume_from_checkpoint!r} differs from the one the features were cached with: encoding "
+            "the train and eval data again with the checkpoint's backbone."
+        )
+        eval_datasets = self.eval_dataset.values() if isinstance(self.eval_dataset, dict) else [self.eval_dataset]
+        for dataset in [self.train_dataset, *eval_datasets]:
+            if dataset is not None and "feature_row" in dataset.column_names and len(dataset) > 0:
+                features = self._encode(dataset.remove_columns("feature_row"), self.args)
+                self._feature_bank.overwrite(torch.tensor(dataset["feature_row"]), features)
 
     @staticmethod
     def _map_kwargs(dataset: Dataset | IterableDataset, args: MoERewardConfig, dataset_name: str) -> dict[str, Any]:
