@@ -2,8 +2,8 @@
 Ablation of the routing remedies on the controlled data (frozen all-MiniLM-L6-v2 features, cached once).
 
 Each configuration trains a MoE head with `MoERewardTrainer(freeze_backbone=True, cache_features=True)` for several
-seeds and reports held-out accuracy, accuracy on the conflicting pairs and routing NMI / purity against the hidden
-category (mean and min-max over seeds).
+seeds and reports held-out accuracy, accuracy on the conflicting pairs, routing NMI / purity against the hidden
+category and the expert-attribute specialization (mean and min-max over seeds; the data seed is fixed at 0).
 
     python benchmarks/routing_ablation.py --num_pairs_per_category 400 --seeds 0 1 2
 """
@@ -26,36 +26,40 @@ from trl_moe_rm.demo import minilm_path
 
 
 BASE = {"num_experts": 8, "top_k": 2, "balance_coef": 0.01, "balance_type": "switch"}
+ENTROPY = {"balance_coef": 0.1, "balance_type": "entropy"}
+STRAIGHT_THROUGH = {**ENTROPY, "router_gradient": "dense"}
 CONFIGS: dict[str, dict] = {
     "dense (top_k=K)": {"top_k": 8, "balance_coef": 0.0},
     "dense, likelihood mixture (MiCRo form)": {"top_k": 8, "balance_coef": 0.0, "loss_type": "likelihood_mixture"},
     "top-2, switch balance 0.01": {},
     "top-1, switch balance 0.01": {"top_k": 1},
     "top-2, switch balance 0.1": {"balance_coef": 0.1},
-    "top-2, entropy balance 0.1": {"balance_coef": 0.1, "balance_type": "entropy"},
-    "  + local sparsity 0.001": {"balance_coef": 0.1, "balance_type": "entropy", "sparsity_coef": 0.001},
-    "  + local sparsity 0.01": {"balance_coef": 0.1, "balance_type": "entropy", "sparsity_coef": 0.01},
-    "  + cosine diversity 0.1": {"balance_coef": 0.1, "balance_type": "entropy", "diversity_coef": 0.1},
-    "  + redundancy diversity 0.1": {
-        "balance_coef": 0.1,
-        "balance_type": "entropy",
-        "diversity_coef": 0.1,
-        "diversity_type": "redundancy",
-    },
-    "  + correlation diversity 0.1": {
-        "balance_coef": 0.1,
-        "balance_type": "entropy",
-        "diversity_coef": 0.1,
+    "top-2, entropy balance 0.1": ENTROPY,
+    "  + local sparsity 0.001": {**ENTROPY, "sparsity_coef": 0.001},
+    "  + local sparsity 0.01": {**ENTROPY, "sparsity_coef": 0.01},
+    "  + cosine diversity 0.1": {**ENTROPY, "diversity_coef": 0.1},
+    "  + redundancy diversity 0.1": {**ENTROPY, "diversity_coef": 0.1, "diversity_type": "redundancy"},
+    "  + correlation diversity 0.1": {**ENTROPY, "diversity_coef": 0.1, "diversity_type": "correlation"},
+    "  + correlation diversity 0.03": {**ENTROPY, "diversity_coef": 0.03, "diversity_type": "correlation"},
+    "  + noisy gating (std 0.5)": {**ENTROPY, "router_noise_std": 0.5},
+    "  + router lr x10": {**ENTROPY, "router_learning_rate": 0.2},
+    "  + assignment loss (tau 0.5)": {**ENTROPY, "loss_type": "assignment"},
+    "  + dense router gradient (straight-through)": STRAIGHT_THROUGH,
+    "top-1, entropy balance 0.1": {**ENTROPY, "top_k": 1},
+    "top-1, entropy balance 0.1 + dense router gradient": {**STRAIGHT_THROUGH, "top_k": 1},
+    "demo `sparse_moe_no_diversity`": {**STRAIGHT_THROUGH, "sparsity_coef": 0.001},
+    "demo `sparse_moe`": {
+        **STRAIGHT_THROUGH,
+        "sparsity_coef": 0.001,
+        "diversity_coef": 0.03,
         "diversity_type": "correlation",
     },
-    "  + noisy gating (std 0.5)": {"balance_coef": 0.1, "balance_type": "entropy", "router_noise_std": 0.5},
-    "  + router lr x10": {"balance_coef": 0.1, "balance_type": "entropy", "router_learning_rate": 0.1},
-    "  + assignment loss (tau 0.5)": {"balance_coef": 0.1, "balance_type": "entropy", "loss_type": "assignment"},
 }
-MODEL_KEYS = ("num_experts", "top_k", "router_noise_std")
+MODEL_KEYS = ("num_experts", "top_k", "router_noise_std", "router_gradient")
+METRICS = ("accuracy", "conflict_accuracy", "nmi", "purity", "specialization")
 
 
-def run(name, settings, split, tokenizer, backbone, seed, epochs, cache_dir):
+def run(settings, split, tokenizer, backbone, seed, epochs, learning_rate, cache_dir):
     settings = {**BASE, **settings}
     model_kwargs = {key: settings.pop(key) for key in MODEL_KEYS if key in settings}
     torch.manual_seed(seed)
@@ -64,7 +68,7 @@ def run(name, settings, split, tokenizer, backbone, seed, epochs, cache_dir):
         args = MoERewardConfig(
             output_dir=output_dir,
             num_train_epochs=epochs,
-            learning_rate=1e-2,
+            learning_rate=learning_rate,
             per_device_train_batch_size=32,
             seed=seed,
             data_seed=seed,
@@ -91,13 +95,8 @@ def run(name, settings, split, tokenizer, backbone, seed, epochs, cache_dir):
         trainer.remove_callback(PrinterCallback)
         trainer.train()
         scores = scores_from_features(trainer.model, trainer.cached_features(trainer.eval_dataset))
-    report = analysis_report(scores, split["test"], metrics=["accuracy", "conflict_accuracy", "nmi", "purity"])
-    return {key: report[key] for key in ("accuracy", "conflict_accuracy", "nmi", "purity")}
-
-
-def _cell(runs: list[dict], key: str) -> str:
-    values = np.array([r[key] for r in runs])
-    return f"{values.mean():.3f} ({values.min():.2f}–{values.max():.2f})"
+    report = analysis_report(scores, split["test"], metrics=list(METRICS))
+    return {key: report[key] for key in METRICS}
 
 
 def _cell(runs: list[dict], key: str) -> str:
@@ -109,6 +108,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num_pairs_per_category", type=int, default=400)
     parser.add_argument("--num_train_epochs", type=float, default=6)
+    parser.add_argument("--learning_rate", type=float, default=2e-2)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--cache_dir", default=None, help="Feature cache (default: a temporary directory).")
     parser.add_argument("--only", nargs="*", default=None, help="Run only these configuration names.")
@@ -123,20 +123,20 @@ def main():
         f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads; "
         f"train {len(split['train'])} pairs, test {len(split['test'])}; seeds {args.seeds}"
     )
-    print("| configuration | accuracy | conflict accuracy | routing NMI | purity |")
-    print("|---|---|---|---|---|")
+    print("| configuration | accuracy | conflict accuracy | routing NMI | purity | specialization |")
+    print("|---|---|---|---|---|---|")
     results = {}
     for name, settings in CONFIGS.items():
         if args.only and name.strip() not in [o.strip() for o in args.only]:
             continue
         start = time.perf_counter()
         runs = [
-            run(name, dict(settings), split, tokenizer, backbone, seed, args.num_train_epochs, cache_dir)
+            run(dict(settings), split, tokenizer, backbone, seed, args.num_train_epochs, args.learning_rate, cache_dir)
             for seed in args.seeds
         ]
         results[name] = runs
 
-        cells = " | ".join(_cell(runs, key) for key in ("accuracy", "conflict_accuracy", "nmi", "purity"))
+        cells = " | ".join(_cell(runs, key) for key in METRICS)
         print(f"| {name} | {cells} |  <!-- {time.perf_counter() - start:.0f} s -->", flush=True)
     print(json.dumps({"results": results}))
 

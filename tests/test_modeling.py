@@ -99,6 +99,35 @@ def test_gradients_reach_router_experts_and_backbone():
     assert model.backbone.embed_tokens.weight.grad.abs().sum() > 0
 
 
+def test_dense_router_gradient_trains_a_top_1_router_without_changing_the_forward():
+    # With top-1 the routing weight is the constant 1: the loss cannot train the router through it ("sparse"). The
+    # straight-through "dense" gradient gives it the full softmax's gradient, with the forward weights unchanged.
+    tokenizer = tiny_tokenizer()
+    batch = _batch(tokenizer, ["explain the sun", "what is", "tell me about cat"], ["good", "bad", "good one"])
+    outputs, grads = {}, {}
+    for mode in ("sparse", "dense"):
+        torch.manual_seed(0)
+        model = tiny_moe("llama", tokenizer, num_experts=4, top_k=1, router_gradient=mode).train()
+        outputs[mode] = model(**batch)
+        outputs[mode].logits.sum().backward()
+        grads[mode] = model.router.weight.grad
+        assert all(p.grad.abs().sum() > 0 for p in model.experts.parameters())
+    assert torch.equal(outputs["sparse"].routing_weights, outputs["dense"].routing_weights)
+    assert torch.equal(outputs["sparse"].logits, outputs["dense"].logits)
+    assert ((outputs["dense"].routing_weights > 0).sum(-1) == 1).all()
+    assert grads["sparse"] is None or grads["sparse"].abs().sum() == 0
+    assert grads["dense"].abs().sum() > 0
+    # The straight-through gradient is the full softmax's: d(sum_b r_b)/d(logits) = p * (r - sum_k p_k r_k).
+    rewards = outputs["dense"].expert_rewards.detach()
+    probs = torch.softmax(outputs["dense"].router_logits.detach(), dim=-1)
+    expected = probs * (rewards - (probs * rewards).sum(-1, keepdim=True))
+    torch.manual_seed(0)
+    model = tiny_moe("llama", tokenizer, num_experts=4, top_k=1, router_gradient="dense").train()
+    out = model(**batch)
+    logits_grad = torch.autograd.grad(out.logits.sum(), out.router_logits)[0]
+    torch.testing.assert_close(logits_grad, expected)
+
+
 def test_config_rejects_bad_values():
     with pytest.raises(ValueError, match="top_k"):
         MoERewardModelConfig(num_experts=4, top_k=5)
@@ -108,6 +137,8 @@ def test_config_rejects_bad_values():
         MoERewardModelConfig(num_labels=2)
     with pytest.raises(ValueError, match="router_input"):
         MoERewardModelConfig(router_input="response")
+    with pytest.raises(ValueError, match="router_gradient"):
+        MoERewardModelConfig(router_gradient="straight")
 
 
 def test_encoder_and_decoder_defaults():

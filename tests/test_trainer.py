@@ -279,3 +279,29 @@ def test_bad_inputs_give_clear_errors(tmp_path, tokenizer):
         MoERewardTrainer(model=classifier, args=args, processing_class=tokenizer, train_dataset=separable_dataset(4))
     with pytest.raises(ValueError, match="top_k"):
         tiny_args(tmp_path, num_experts=2, top_k=3)
+
+
+def test_model_arguments_of_the_config_are_reported_when_a_built_model_ignores_them(tmp_path, tokenizer, caplog):
+    model = tiny_moe("llama", tokenizer)  # top_k=2, no router noise
+    with caplog.at_level("WARNING"):
+        MoERewardTrainer(
+            model=model,
+            args=tiny_args(tmp_path, router_noise_std=1.0, top_k=model.config.top_k),
+            train_dataset=separable_dataset(8),
+            processing_class=tokenizer,
+        )
+    messages = [record.getMessage() for record in caplog.records if "ignored" in record.getMessage()]
+    assert len(messages) == 1
+    # Only the setting that disagrees with the built model is named, with the fix.
+    assert "router_noise_std=1.0" in messages[0] and "top_k" not in messages[0]
+    assert "MoERewardModel.from_backbone" in messages[0]
+    assert model.config.router_noise_std == 0.0
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        MoERewardTrainer(
+            model=tiny_moe("llama", tokenizer),
+            args=tiny_args(tmp_path),
+            train_dataset=separable_dataset(8),
+            processing_class=tokenizer,
+        )
+    assert not any("ignored" in record.getMessage() for record in caplog.records)

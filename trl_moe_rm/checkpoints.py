@@ -181,6 +181,7 @@ MOE_CONFIG_FIELDS: tuple[str, ...] = (
     "router_input",
     "router_temperature",
     "router_noise_std",
+    "router_gradient",
     "expert_type",
     "expert_hidden_size",
     "pooling",

@@ -5,7 +5,7 @@ from typing import Any
 
 from trl import RewardConfig
 
-from .configuration_moe_reward import EXPERT_TYPES, POOLINGS, ROUTER_INPUTS
+from .configuration_moe_reward import EXPERT_TYPES, POOLINGS, ROUTER_GRADIENTS, ROUTER_INPUTS
 from .init import EXPERT_INITS
 
 
@@ -35,6 +35,9 @@ class MoERewardConfig(RewardConfig):
             Temperature of the router softmax.
         router_noise_std (`float`, *optional*, defaults to `0.0`):
             Std of the noise added to the router logits in training (noisy top-k gating).
+        router_gradient (`str`, *optional*, defaults to `"sparse"`):
+            `"sparse"` (the router learns from the top-k weights only) or `"dense"` (it also gets the gradient of its
+            full softmax, straight-through; needed for `top_k=1`).
         expert_type (`str`, *optional*, defaults to `"linear"`):
             `"linear"` or `"mlp"` experts.
         expert_hidden_size (`int`, *optional*, defaults to `256`):
@@ -112,6 +115,13 @@ class MoERewardConfig(RewardConfig):
     )
     router_temperature: float = field(default=1.0, metadata={"help": "Temperature of the router softmax."})
     router_noise_std: float = field(default=0.0, metadata={"help": "Noisy top-k gating std (training only)."})
+    router_gradient: str = field(
+        default="sparse",
+        metadata={
+            "help": "Router gradient: 'sparse' (top-k only) or 'dense' (straight-through).",
+            "choices": list(ROUTER_GRADIENTS),
+        },
+    )
     expert_type: str = field(default="linear", metadata={"help": "Expert head type.", "choices": list(EXPERT_TYPES)})
     expert_hidden_size: int = field(default=256, metadata={"help": "Hidden width of MLP experts."})
     pooling: str | None = field(
@@ -160,6 +170,7 @@ class MoERewardConfig(RewardConfig):
             ("balance_type", BALANCE_TYPES),
             ("diversity_type", DIVERSITY_TYPES),
             ("router_input", ROUTER_INPUTS),
+            ("router_gradient", ROUTER_GRADIENTS),
             ("expert_type", EXPERT_TYPES),
         ):
             if getattr(self, name) not in choices:
@@ -201,6 +212,7 @@ class MoERewardConfig(RewardConfig):
             "router_input": self.router_input,
             "router_temperature": self.router_temperature,
             "router_noise_std": self.router_noise_std,
+            "router_gradient": self.router_gradient,
             "expert_type": self.expert_type,
             "expert_hidden_size": self.expert_hidden_size,
             "pooling": self.pooling,

@@ -14,6 +14,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 
 ROUTER_INPUTS = ("prompt", "sequence")
+ROUTER_GRADIENTS = ("sparse", "dense")
 EXPERT_TYPES = ("linear", "mlp")
 POOLINGS = ("last", "cls", "mean")
 PROMPT_ENCODINGS = ("shared", "separate")
@@ -41,6 +42,12 @@ class MoERewardModelConfig(PretrainedConfig):
         router_noise_std (`float`, *optional*, defaults to `0.0`):
             Standard deviation of the Gaussian noise added to the router logits in training mode only (noisy top-k
             gating). Has no effect in eval mode.
+        router_gradient (`str`, *optional*, defaults to `"sparse"`):
+            What trains the router through the preference loss. `"sparse"`: the gradient of the top-k weights only, so
+            an expert outside the top-k gets no signal, and with `top_k=1` the weight is the constant 1 and the router
+            learns nothing from the loss. `"dense"`: the forward weights are unchanged (exactly top-k), but the router
+            also receives the gradient of its full softmax (a straight-through estimator), using the rewards of every
+            expert, which are computed anyway. The ablation in `docs/benchmarks.md` measures it.
         expert_type (`str`, *optional*, defaults to `"linear"`):
             `"linear"` (one weight vector per expert) or `"mlp"` (a two-layer MLP per expert).
         expert_hidden_size (`int`, *optional*, defaults to `256`):
@@ -76,6 +83,7 @@ class MoERewardModelConfig(PretrainedConfig):
     router_input: str = "prompt"
     router_temperature: float = 1.0
     router_noise_std: float = 0.0
+    router_gradient: str = "sparse"
     expert_type: str = "linear"
     expert_hidden_size: int = 256
     pooling: str | None = None
@@ -90,6 +98,7 @@ class MoERewardModelConfig(PretrainedConfig):
         router_input: str = "prompt",
         router_temperature: float = 1.0,
         router_noise_std: float = 0.0,
+        router_gradient: str = "sparse",
         expert_type: str = "linear",
         expert_hidden_size: int = 256,
         pooling: str | None = None,
@@ -118,6 +127,7 @@ class MoERewardModelConfig(PretrainedConfig):
             )
         _check_choice("router_input", router_input, ROUTER_INPUTS)
         _check_choice("expert_type", expert_type, EXPERT_TYPES)
+        _check_choice("router_gradient", router_gradient, ROUTER_GRADIENTS)
         if router_temperature <= 0:
             raise ValueError(f"`router_temperature` must be > 0, got {router_temperature}.")
         if router_noise_std < 0:
@@ -135,6 +145,7 @@ class MoERewardModelConfig(PretrainedConfig):
         self.router_input = router_input
         self.router_temperature = float(router_temperature)
         self.router_noise_std = float(router_noise_std)
+        self.router_gradient = router_gradient
         self.expert_type = expert_type
         self.expert_hidden_size = expert_hidden_size
         self.pooling = pooling

@@ -337,6 +337,11 @@ class MoERewardModel(MoERewardPreTrainedModel):
         if self.training and self.config.router_noise_std > 0:
             noisy_logits = router_logits + torch.randn_like(router_logits) * self.config.router_noise_std
         routing_weights = top_k_routing(noisy_logits, self.config.top_k, self.config.router_temperature)
+        if self.config.router_gradient == "dense" and self.config.top_k < self.config.num_experts:
+            # Straight-through: `dense - dense.detach()` is exactly 0 in the forward pass (the weights stay top-k), but
+            # its gradient is the full softmax's.
+            dense = torch.softmax(noisy_logits.float() / self.config.router_temperature, dim=-1)
+            routing_weights = routing_weights + (dense - dense.detach())
         if paired:
             router_logits = router_logits.repeat(2, 1)
             routing_weights = routing_weights.repeat(2, 1)

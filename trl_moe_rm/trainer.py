@@ -171,6 +171,7 @@ class MoERewardTrainer(RewardTrainer):
             )
         self._moe_model = _unwrap(model)
         self._moe_config = self._moe_model.config
+        _warn_ignored_model_kwargs(args, self._moe_config)
         if args.freeze_backbone:
             _unwrap(model).backbone.requires_grad_(False)
         if peft_config is not None:
@@ -670,6 +671,23 @@ class MoERewardTrainer(RewardTrainer):
             **optimizer_kwargs,
         )
         return self.optimizer
+
+
+def _warn_ignored_model_kwargs(args: MoERewardConfig, config: Any) -> None:
+    """The model arguments of `args` only build a model from a name: say so when they disagree with a given model."""
+    defaults = MoERewardConfig.__dataclass_fields__
+    ignored = {
+        name: value
+        for name, value in args.moe_model_kwargs.items()
+        if value != defaults[name].default and value != getattr(config, name, None)
+    }
+    if ignored:
+        settings = ", ".join(f"{name}={value!r}" for name, value in ignored.items())
+        logger.warning(
+            f"`MoERewardConfig` sets {settings}, but the model was passed already built, so these are ignored (the "
+            "model's own configuration applies). Set them on the model, e.g. `MoERewardModel.from_backbone(..., "
+            f"{settings})`, or pass the backbone's name as `model`."
+        )
 
 
 def _check_user_ids(dataset: Dataset) -> None:
