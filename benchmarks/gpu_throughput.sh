@@ -6,6 +6,8 @@
 #     BACKBONE=/models/Qwen2.5-0.5B OUT=/tmp/gpu bash benchmarks/gpu_throughput.sh   # a local copy (offline machine)
 #     QUICK=1 bash benchmarks/gpu_throughput.sh                      # a short smoke run of every step
 #     QUICK=1 DEVICE=cpu BACKBONE=<small model> PAIRS_PER_CATEGORY=10 bash benchmarks/gpu_throughput.sh  # test the script
+#     BACKBONE=random bash benchmarks/gpu_throughput.sh              # offline, no weights: a random Llama of
+#                                                                    # Qwen2.5-0.5B's shape (RANDOM_SHAPE overrides it)
 #
 # Every measurement runs in a fresh process (benchmarks/overhead.py --worker), alternating trl / moe. Throughput is
 # measured over the steps after the warm-up with a CUDA synchronisation at every step end; memory is the peak growth of
@@ -41,8 +43,15 @@ else
 fi
 python -c "import torch, transformers, trl; print('torch', torch.__version__, '| transformers', transformers.__version__, '| trl', trl.__version__)" | tee -a "$OUT/gpu.txt"
 
-# Make sure the backbone is available before timing anything (downloads it once when online).
-python - "$BACKBONE" <<'EOF'
+if [[ "$BACKBONE" == "random" ]]; then
+    # Qwen2.5-0.5B's shape (hidden 896, 24 layers, 14 query / 2 key-value heads, MLP 4864, vocabulary 151,936),
+    # randomly initialised: the same compute per token without downloading weights.
+    read -r -a MODEL_ARGS <<< "${RANDOM_SHAPE:---hidden_size 896 --num_layers 24 --num_heads 14 --num_kv_heads 2 --intermediate_size 4864 --vocab_size 151936}"
+    echo "backbone: random Llama (${MODEL_ARGS[*]})" | tee -a "$OUT/gpu.txt"
+else
+    MODEL_ARGS=(--backbone "$BACKBONE")
+    # Make sure the backbone is available before timing anything (downloads it once when online).
+    python - "$BACKBONE" <<'EOF'
 import sys
 
 from transformers import AutoConfig, AutoTokenizer
@@ -51,8 +60,9 @@ AutoConfig.from_pretrained(sys.argv[1])
 AutoTokenizer.from_pretrained(sys.argv[1])
 print(f"backbone {sys.argv[1]} is available")
 EOF
+fi
 
-COMMON=(--device "$DEVICE" --backbone "$BACKBONE" --batch_size "$BATCH_SIZE" --steps "$STEPS" --warmup_steps "$WARMUP"
+COMMON=(--device "$DEVICE" "${MODEL_ARGS[@]}" --batch_size "$BATCH_SIZE" --steps "$STEPS" --warmup_steps "$WARMUP"
         --prompt_len $PROMPT_LEN --response_len $RESPONSE_LEN --repeats "$REPEATS" --threads 4)
 
 echo "== 1/4 overhead: MoERewardTrainer (K=8, top-2, all regularizers) vs RewardTrainer, full fine-tuning, bf16"

@@ -168,10 +168,10 @@ def build_models(options: argparse.Namespace, set_seed):
         config = LlamaConfig(
             vocab_size=options.vocab_size,
             hidden_size=options.hidden_size,
-            intermediate_size=options.hidden_size * 8 // 3,
+            intermediate_size=options.intermediate_size or options.hidden_size * 8 // 3,
             num_hidden_layers=options.num_layers,
-            num_attention_heads=4,
-            num_key_value_heads=4,
+            num_attention_heads=options.num_heads,
+            num_key_value_heads=options.num_kv_heads or options.num_heads,
             max_position_embeddings=1024,
             pad_token_id=0,
             num_labels=1,
@@ -323,9 +323,9 @@ def spawn(options: argparse.Namespace, kind: str, num_experts: int) -> dict[str,
     command += ["--bf16", str(options.bf16).lower(), "--gradient_checkpointing", str(options.gradient_checkpointing)]
     if options.backbone is not None:
         command += ["--backbone", options.backbone]
-    for name in ("router_input", "prompt_encoding"):
+    for name in ("router_input", "prompt_encoding", "num_heads", "num_kv_heads", "intermediate_size"):
         if getattr(options, name) is not None:
-            command += [f"--{name}", getattr(options, name)]
+            command += [f"--{name}", str(getattr(options, name))]
     # A fixed mmap threshold: glibc then serves every allocation above 128 KiB (all but tiny tensors) with mmap and
     # returns it on free, so the resident set tracks the live tensors instead of the allocator's cached heap.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
@@ -360,6 +360,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     parser.add_argument("--hidden_size", type=int, default=256)
     parser.add_argument("--num_layers", type=int, default=4)
     parser.add_argument("--vocab_size", type=int, default=4096)
+    parser.add_argument("--num_heads", type=int, default=4, help="Attention heads of the random Llama.")
+    parser.add_argument("--num_kv_heads", type=int, default=None, help="Key-value heads (default: --num_heads).")
+    parser.add_argument("--intermediate_size", type=int, default=None, help="MLP width (default: 8/3 x hidden).")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads in every worker.")
     parser.add_argument("--prompt_len", type=int, nargs=2, default=[16, 32], help="Min and max prompt tokens.")
     parser.add_argument("--response_len", type=int, nargs=2, default=[32, 96], help="Min and max response tokens.")

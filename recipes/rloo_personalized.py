@@ -144,24 +144,26 @@ def policy_init_kwargs(training_args: Any, model_args: ModelConfig) -> dict[str,
     return kwargs
 
 
-def main(
+def train_personalized(
+    trainer_cls: type,
     script_args: ScriptArguments,
-    training_args: RLOOConfig,
+    training_args: Any,
     model_args: ModelConfig,
     reward_args: PersonalizedRewardArguments,
-) -> RLOOTrainer:
+) -> Any:
     r"""
-    Train a policy with RLOO and the personalized reward, then save it to `output_dir`.
+    Train a policy with an online TRL trainer (`RLOOTrainer`, `GRPOTrainer`) and the personalized reward, then save it
+    to `output_dir`. Shared by this script and `recipes/grpo_personalized.py`.
 
     Returns:
-        The [`~trl.RLOOTrainer`] after training.
+        The trainer after training.
     """
     if not model_args.model_name_or_path:
         raise ValueError("Pass the policy with `--model_name_or_path`.")
     if training_args.remove_unused_columns:
         raise ValueError(
             f"`remove_unused_columns=True` would drop the `{reward_args.user_column}` column before it reaches the "
-            "reward; set `--remove_unused_columns false` (the RLOOConfig default)."
+            f"reward; set `--remove_unused_columns false` (the {type(training_args).__name__} default)."
         )
     model_name = resolve_model_name_or_path(model_args.model_name_or_path)
     training_args.model_init_kwargs = policy_init_kwargs(training_args, model_args)
@@ -176,7 +178,7 @@ def main(
     tokenizer = AutoTokenizer.from_pretrained(
         model_name, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code
     )
-    trainer = RLOOTrainer(
+    trainer = trainer_cls(
         model=model_name,
         reward_funcs=reward,
         args=training_args,
@@ -194,6 +196,21 @@ def main(
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
     return trainer
+
+
+def main(
+    script_args: ScriptArguments,
+    training_args: RLOOConfig,
+    model_args: ModelConfig,
+    reward_args: PersonalizedRewardArguments,
+) -> RLOOTrainer:
+    r"""
+    Train a policy with RLOO and the personalized reward, then save it to `output_dir`.
+
+    Returns:
+        The [`~trl.RLOOTrainer`] after training.
+    """
+    return train_personalized(RLOOTrainer, script_args, training_args, model_args, reward_args)
 
 
 if __name__ == "__main__":
