@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 from tiny import tiny_moe, tiny_tokenizer
@@ -91,9 +92,14 @@ def test_help_of_every_subcommand(capsys):
 
 
 @pytest.mark.slow
-def test_quick_demo_writes_the_report(tmp_path):
+def test_quick_demo_writes_the_report(tmp_path, capsys):
     output_dir = tmp_path / "demo"
     assert main(["demo", "--quick", "--output_dir", str(output_dir)]) == 0
+    # The progress bars: the demo's own, and one per model that follows its optimizer steps to the end.
+    err = capsys.readouterr().err
+    assert "demo: 100%" in err
+    for name in ("single_head", "dense_moe", "sparse_moe_no_diversity", "sparse_moe"):
+        assert re.search(rf"  {name}: 100%\|[^|]*\| (\d+)/\1 ", err), name
     report = json.loads((output_dir / "report.json").read_text())
     assert set(report) >= {"models", "config"}
     assert list(report["models"]) == ["single_head", "dense_moe", "sparse_moe_no_diversity", "sparse_moe"]

