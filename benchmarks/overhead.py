@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     parser.add_argument("--router_input", choices=["prompt", "sequence"], default=None, help="MoE router input.")
     parser.add_argument(
         "--prompt_encoding",
-        choices=["shared", "separate"],
+        choices=["shared", "separate", "separate_no_grad"],
         default=None,
         help="MoE prompt encoding (default: separate for encoders, shared for decoders).",
     )

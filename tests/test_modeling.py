@@ -128,6 +128,28 @@ def test_dense_router_gradient_trains_a_top_1_router_without_changing_the_forwar
     torch.testing.assert_close(logits_grad, expected)
 
 
+def test_prompt_pass_without_gradient_routes_identically_and_spares_the_backbone():
+    # "separate_no_grad": the same routing as "separate" (exact prompt encoding), but the router's loss does not reach
+    # the backbone, while the experts' loss still trains it.
+    tokenizer = tiny_tokenizer(bert_style=True)
+    batch = _batch(tokenizer, ["explain the sun", "what is dog"], ["good one", "bad"])
+    outputs, backbone_grads = {}, {}
+    for mode in ("separate", "separate_no_grad"):
+        torch.manual_seed(0)
+        model = tiny_moe("bert", tokenizer, prompt_encoding=mode).eval()  # no dropout: both modes give the same numbers
+        outputs[mode] = model(**batch)
+        outputs[mode].router_logits.sum().backward(retain_graph=True)
+        assert model.router.weight.grad.abs().sum() > 0
+        backbone_grads[mode] = model.backbone.embeddings.word_embeddings.weight.grad
+        model.zero_grad()
+        outputs[mode].expert_rewards.sum().backward()
+        assert model.backbone.embeddings.word_embeddings.weight.grad.abs().sum() > 0
+    torch.testing.assert_close(outputs["separate"].routing_weights, outputs["separate_no_grad"].routing_weights)
+    torch.testing.assert_close(outputs["separate"].logits, outputs["separate_no_grad"].logits)
+    assert backbone_grads["separate"].abs().sum() > 0
+    assert backbone_grads["separate_no_grad"] is None or backbone_grads["separate_no_grad"].abs().sum() == 0
+
+
 def test_config_rejects_bad_values():
     with pytest.raises(ValueError, match="top_k"):
         MoERewardModelConfig(num_experts=4, top_k=5)

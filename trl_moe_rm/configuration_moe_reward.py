@@ -17,7 +17,7 @@ ROUTER_INPUTS = ("prompt", "sequence")
 ROUTER_GRADIENTS = ("sparse", "dense")
 EXPERT_TYPES = ("linear", "mlp")
 POOLINGS = ("last", "cls", "mean")
-PROMPT_ENCODINGS = ("shared", "separate")
+PROMPT_ENCODINGS = ("shared", "separate", "separate_no_grad")
 
 
 class MoERewardModelConfig(PretrainedConfig):
@@ -59,7 +59,10 @@ class MoERewardModelConfig(PretrainedConfig):
             `"shared"` reads the prompt representation from the same forward pass as the sequence, which is exact for
             causal decoders. `"separate"` encodes the prompt on its own (attention restricted to the prompt tokens),
             which bidirectional encoders need so that the routing does not depend on the response. Defaults to
-            `"separate"` for encoder-only backbones and `"shared"` otherwise.
+            `"separate"` for encoder-only backbones and `"shared"` otherwise. `"separate_no_grad"` is `"separate"` without
+            gradient through the prompt pass: the router still reads the exact prompt representation of the backbone
+            being trained, but its loss no longer trains the backbone, which saves the prompt pass's backward and
+            activations (the training overhead of `"separate"` on encoders, see `docs/benchmarks.md`).
         initializer_range (`float`, *optional*, defaults to `0.02`):
             Standard deviation of the normal initialisation of the router and the experts.
         num_labels (`int`, *optional*, defaults to `1`):

@@ -9,6 +9,7 @@ This file only uses relative imports, torch and transformers, so that a saved mo
 
 import importlib
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -504,12 +505,13 @@ class MoERewardModel(MoERewardPreTrainedModel):
         prompt_mask = attention_mask.bool() & (positions[None] < (start + prompt_lengths)[:, None])
         width = int((start + prompt_lengths).max().clamp_max(attention_mask.shape[1]))
         prompt_mask = prompt_mask[:, :width].to(attention_mask.dtype)
-        prompt_hidden = self.backbone(
-            input_ids=input_ids[:, :width] if input_ids is not None else None,
-            inputs_embeds=inputs_embeds[:, :width] if inputs_embeds is not None else None,
-            attention_mask=prompt_mask,
-            **backbone_kwargs,
-        ).last_hidden_state
+        with torch.no_grad() if self.config.prompt_encoding == "separate_no_grad" else nullcontext():
+            prompt_hidden = self.backbone(
+                input_ids=input_ids[:, :width] if input_ids is not None else None,
+                inputs_embeds=inputs_embeds[:, :width] if inputs_embeds is not None else None,
+                attention_mask=prompt_mask,
+                **backbone_kwargs,
+            ).last_hidden_state
         return pool_hidden_states(prompt_hidden, prompt_mask, self.config.pooling)
 
 
