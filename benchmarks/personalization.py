@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from datasets import Dataset
 from safetensors.torch import load_file, save_file
+from trl.trainer.utils import pad
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -140,12 +141,8 @@ def encode_sequences(model, ids: list[list[int]], prompt_lengths: list[int], pad
     model.eval()
     for start in range(0, len(ids), batch_size):
         rows = order[start : start + batch_size]
-        width = max(len(ids[row]) for row in rows)
-        input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for position, row in enumerate(rows):
-            input_ids[position, : len(ids[row])] = torch.tensor(ids[row])
-            attention_mask[position, : len(ids[row])] = 1
+        input_ids = pad([torch.tensor(ids[row]) for row in rows], padding_value=pad_token_id)
+        attention_mask = pad([torch.ones(len(ids[row]), dtype=torch.long) for row in rows], padding_value=0)
         lengths = torch.tensor([prompt_lengths[row] for row in rows])
         seq, rout = model.encode(input_ids=input_ids, attention_mask=attention_mask, prompt_lengths=lengths)
         sequence[torch.as_tensor(rows)] = seq.float()

@@ -20,7 +20,8 @@ and seed (`freeze_backbone=True, cache_features=True`, as in `trl_moe_rm.demo`):
 - `single_head`: a [`MoERewardModel`] with `num_experts=1, top_k=1` and no regularizer, i.e. one linear reward head
   on the pooled features (not TRL's `RewardTrainer`, whose model would run the backbone at every step);
 - `dense_moe`: `top_k = num_experts`, no balance, sparsity or diversity loss (`MOE_SETTINGS["dense_moe"]`);
-- `sparse_moe`: `top_k=2`, entropy balance 0.1, sparsity 0.001, cosine diversity 0.1 (`MOE_SETTINGS["sparse_moe"]`);
+- `sparse_moe`: the demo's sparse MoE (`MOE_SETTINGS["sparse_moe"]`: top-2 with the straight-through router gradient,
+  entropy balance 0.1, sparsity 0.001, correlation diversity 0.03);
 - `sparse_moe_assignment`: the same with `loss_type="assignment"` (EM-style pair-level responsibilities).
 
 Datasets (read from `--data_dir`, else `$TRL_MOE_RM_DATA`, else `../shared/data`; skipped with a message when absent):
@@ -75,6 +76,7 @@ from datasets import Dataset, DatasetDict
 from safetensors.torch import save
 from transformers import AutoTokenizer, PrinterCallback, set_seed
 from transformers.utils import logging
+from trl.trainer.utils import pad
 
 from trl_moe_rm import MoERewardConfig, MoERewardModel, MoERewardTrainer
 from trl_moe_rm.analysis import (
@@ -88,7 +90,7 @@ from trl_moe_rm.analysis import (
 )
 from trl_moe_rm.data.controlled import train_test_split_by_prompt
 from trl_moe_rm.data.real import DSP_FILE, load_autoj_pairs, real_data_file, resolve_data_dir
-from trl_moe_rm.demo import MOE_SETTINGS, minilm_path
+from trl_moe_rm.demo import MODEL_SETTINGS, MOE_SETTINGS, minilm_path
 from trl_moe_rm.feature_cache import encode_preference_dataset, features_fingerprint
 from trl_moe_rm.io_utils import atomic_write_bytes
 from trl_moe_rm.metrics import load_pairwise_accuracy
@@ -500,12 +502,8 @@ def encode_sequences(
     start_time, reported = time.perf_counter(), 0.0
     for start in range(0, len(sequences), batch_size):
         rows = order[start : start + batch_size]
-        width = max(len(sequences[row]) for row in rows)
-        input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for position, row in enumerate(rows):
-            input_ids[position, : len(sequences[row])] = torch.tensor(sequences[row])
-            attention_mask[position, : len(sequences[row])] = 1
+        input_ids = pad([torch.tensor(sequences[row]) for row in rows], padding_value=pad_token_id)
+        attention_mask = pad([torch.ones(len(sequences[row]), dtype=torch.long) for row in rows], padding_value=0)
         hidden = model.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         pooled = pool_hidden_states(hidden, attention_mask, model.config.pooling).float()
         if features is None:
@@ -661,9 +659,10 @@ def train_head(
         the training time in seconds.
     """
     settings = dict(settings)
-    num_experts, top_k = settings.pop("num_experts"), settings.pop("top_k")
+    num_experts = settings.pop("num_experts")
+    model_kwargs = {key: settings.pop(key) for key in MODEL_SETTINGS if key in settings}
     set_seed(config.seed)
-    model = MoERewardModel.from_backbone(backbone, num_experts=num_experts, top_k=top_k)
+    model = MoERewardModel.from_backbone(backbone, num_experts=num_experts, **model_kwargs)
     args = MoERewardConfig(
         output_dir=str(run_dir / name),
         num_train_epochs=config.num_train_epochs,
@@ -684,7 +683,7 @@ def train_head(
         cache_features=True,
         feature_cache_dir=config.cache_dir,
         num_experts=num_experts,
-        top_k=top_k,
+        **model_kwargs,
         **settings,
     )
     start = time.perf_counter()
