@@ -121,7 +121,7 @@ def _truncate(ids: list[int], max_length: int) -> list[int]:
 
 def tokenize_sequences(tokenizer, prompts: Sequence[str], responses: Sequence[str], max_length: int = 512):
     """Token ids and prompt lengths of (prompt, response) texts, exactly as [`MoERewardTrainer`] tokenizes them."""
-    from trl_moe_rm.trainer import _tokenize_preference
+    from trl_moe_rm.processing import tokenize_preference as _tokenize_preference
 
     ids, prompt_lengths = [], []
     for prompt, response in zip(prompts, responses):

@@ -51,7 +51,7 @@ from trl_moe_rm.plots import (
     plot_weight_shift,
     plot_weight_shift_heatmap,
 )
-from trl_moe_rm.trainer import _tokenize_preference
+from trl_moe_rm.processing import tokenize_preference as _tokenize_preference
 
 
 # ----------------------------------------------------------------------------------------------------------------------

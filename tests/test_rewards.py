@@ -14,7 +14,7 @@ from trl_moe_rm import MoEUserRewardModel, PersonalizedReward, ProfileStore, Use
 from trl_moe_rm.configuration_moe_reward import config_fingerprint
 from trl_moe_rm.profiles import UnknownUserError
 from trl_moe_rm.rewards import RunningMeanStd, unpartition_zero3
-from trl_moe_rm.trainer import _tokenize_preference
+from trl_moe_rm.processing import tokenize_preference as _tokenize_preference
 
 
 PROMPTS = ["tell me about cat", "explain the moon", "what is alpha", "tell me about cat"]
@@ -221,10 +221,23 @@ def test_an_empty_batch_gives_no_rewards(model, tokenizer, profiles):
     assert reward(prompts=[], completions=[], user_id=[]) == []
 
 
-def test_max_length_truncates_on_the_right(model, tokenizer, profiles):
-    reward = PersonalizedReward(model, profiles, tokenizer=tokenizer, max_length=5)
-    ids, prompt_length = reward.encode("tell me about cat", "good one two three four")
-    assert len(ids) == 5 and prompt_length == 5
+def test_max_length_keeps_the_completion(model, tokenizer, profiles, caplog):
+    """Truncation cuts the prompt from the left (keeping [BOS]) and never drops the completion (issue 13)."""
+    reward = PersonalizedReward(model, profiles, tokenizer=tokenizer, max_length=8)
+    ids, prompt_length = reward.encode("tell me about the cat", "good one")
+    vocab = tokenizer.get_vocab()
+    assert ids == [vocab[t] for t in ("[BOS]", "about", "the", "cat", "good", "one", "[EOS]")] or len(ids) == 8
+    assert ids[0] == vocab["[BOS]"] and ids[-3:] == [vocab["good"], vocab["one"], vocab["[EOS]"]]
+    assert ids[prompt_length - 1] == vocab["cat"]
+    # A long prompt: every completion keeps its own tokens, so the rewards differ (they were all equal before).
+    long_prompt = "tell me about " + "the " * 40 + "cat"
+    with caplog.at_level("WARNING"):
+        rewards = reward(prompts=[long_prompt] * 2, completions=["good good", "bad bad"], user_id=["bob", "bob"])
+    assert rewards[0] != rewards[1]
+    assert "truncated" in caplog.text and "3 of 3 prompts lost tokens from the left" in caplog.text
+    # A completion longer than max_length alone: cut on the right, its end token kept, one prompt token left.
+    ids, prompt_length = reward.encode("tell me", "good " * 50)
+    assert len(ids) == 8 and ids[-1] == vocab["[EOS]"] and prompt_length == 2
     assert math.isfinite(reward(prompts=["tell me about cat"], completions=["good " * 50], user_id=["bob"])[0])
 
 

@@ -29,12 +29,12 @@ import torch
 import torch.nn as nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging
-from trl.data_utils import apply_chat_template, is_conversational
 
 from .modeling_moe_reward import MoEUserRewardModel
 from .personalization import UserRewards, _tokenizer_for
+from .processing import RowEncoder
 from .profiles import ProfileStore, UserProfile
-from .trainer import _end_of_sequence_ids
+from .scoring import _dtype, check_finite, check_positive_int, run_model
 
 
 logger = logging.get_logger(__name__)
@@ -138,12 +138,16 @@ class PersonalizedReward:
         device (`str`, `torch.device` or `accelerate.Accelerator`, *optional*):
             Where to run the model; see above.
         max_length (`int`, *optional*):
-            Truncate longer sequences on the right (the prompt is kept first).
+            Truncate longer sequences: the prompt loses tokens from the left first, and the completion is never cut
+            to nothing (see [`~trl_moe_rm.processing.Truncation`]); a warning gives the counts.
         max_logged_users (`int`, *optional*, defaults to `8`):
             With TRL's `log_metric`, the mean reward of the first `max_logged_users` users seen is logged as
             `<name>/user/<user_id>`, and that of all later users together as `<name>/user/_other`, so that the
             number of logged keys stays bounded (rows without a user id are logged as `_missing`). `<name>/fallbacks` is the number of rows of the call scored with the
             default routing (TRL averages it over the calls of a logging step). `0` logs only the fallbacks.
+        nonfinite_value (`float`, *optional*):
+            A NaN or infinite reward raises [`~trl_moe_rm.scoring.NonFiniteRewardError`] (naming the rows and the
+            likely cause, e.g. float16 overflow). Set this to replace such rewards by a fixed value instead.
 
     Example:
 
@@ -167,13 +171,9 @@ class PersonalizedReward:
         device: str | torch.device | Any | None = None,
         max_length: int | None = None,
         max_logged_users: int = 8,
+        nonfinite_value: float | None = None,
     ) -> None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}.")
-        if max_length is not None and (
-            isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1
-        ):
-            raise ValueError(f"`max_length` must be a positive int or None, got {max_length!r}.")
+        check_positive_int(batch_size, "batch_size")
         if isinstance(max_logged_users, bool) or not isinstance(max_logged_users, int) or max_logged_users < 0:
             raise ValueError(f"`max_logged_users` must be an int >= 0, got {max_logged_users!r}.")
         if not isinstance(user_column, str) or not user_column:
@@ -203,6 +203,7 @@ class PersonalizedReward:
         model.requires_grad_(False)
         self.model = model
         self.tokenizer = _tokenizer_for(model, tokenizer)
+        self.encoder = RowEncoder(self.tokenizer, max_length=max_length)
         self.profiles = profiles
         self.user_rewards = UserRewards(model, _ProfileLookup(profiles), strict=strict)
         self.user_column = user_column
@@ -213,15 +214,7 @@ class PersonalizedReward:
         self.__name__ = name or DEFAULT_NAME
         self.stats = RunningMeanStd()
         self._logged_users: set[str] = set()
-        self._end_ids = _end_of_sequence_ids(self.tokenizer)
-        pad_token_id = self.tokenizer.pad_token_id
-        if pad_token_id is None:
-            pad_token_id = self.tokenizer.eos_token_id
-        if pad_token_id is None:
-            raise ValueError(
-                "The tokenizer has neither a pad token nor an eos token; set `tokenizer.pad_token` first."
-            )
-        self._pad_token_id = pad_token_id
+        self.nonfinite_value = nonfinite_value
         self._device: torch.device | None = None
         if device is not None:
             device = getattr(device, "device", device)  # an accelerate.Accelerator
@@ -306,43 +299,13 @@ class PersonalizedReward:
 
     # ------------------------------------------------------------------------------------------------ tokenization
 
-    def encode(
-        self, prompt: Any, completion: Any, prompt_cache: dict[str, list[int]] | None = None
-    ) -> tuple[list[int], int]:
+    def encode(self, prompt: Any, completion: Any, prompt_cache: Any = None) -> tuple[list[int], int]:
         """
-        Token ids of one (prompt, completion) row and its number of prompt tokens, as the reward model was trained.
-
-        `prompt_cache` (text prompt -> its token ids) saves re-tokenizing the prompt shared by a group of completions.
+        Token ids of one (prompt, completion) row and its number of prompt tokens, as the reward model was trained
+        ([`~trl_moe_rm.processing.RowEncoder.encode`]). `prompt_cache` is accepted for compatibility and unused: the
+        encoder caches tokenized prompts itself.
         """
-        if is_conversational({"prompt": prompt}):
-            if isinstance(completion, str):
-                completion = [{"role": "assistant", "content": completion}]
-            rendered = apply_chat_template({"prompt": prompt, "completion": completion or []}, self.tokenizer)
-            prompt_ids = self._tokenize(rendered["prompt"], special=False)
-            ids = prompt_ids + self._tokenize(rendered["completion"], special=False)
-        else:
-            prompt = "" if prompt is None else str(prompt)
-            if prompt_cache is not None and prompt in prompt_cache:
-                prompt_ids = prompt_cache[prompt]
-            else:
-                prompt_ids = self._tokenize(prompt, special=True)
-                if prompt_cache is not None:
-                    prompt_cache[prompt] = prompt_ids
-            ids = prompt_ids + self._tokenize("" if completion is None else _text(completion), special=False)
-            if self._end_ids and ids[-len(self._end_ids) :] != self._end_ids:
-                ids = ids + self._end_ids
-        if not ids:  # an empty prompt and completion, with a tokenizer adding nothing: score one eos / pad token
-            ids = list(self._end_ids) or [self._pad_token_id]
-        prompt_length = len(prompt_ids)
-        if self.max_length is not None and len(ids) > self.max_length:
-            ids = ids[: self.max_length]
-            prompt_length = min(prompt_length, self.max_length)
-        return ids, prompt_length
-
-    def _tokenize(self, text: str, special: bool) -> list[int]:
-        if not text:
-            return self.tokenizer("", add_special_tokens=special)["input_ids"] if special else []
-        return self.tokenizer(text, add_special_tokens=special)["input_ids"]
+        return self.encoder.encode(prompt, completion)
 
     # ------------------------------------------------------------------------------------------------ scoring
 
@@ -370,35 +333,18 @@ class PersonalizedReward:
         if len(prompts) == 0:
             return torch.zeros(0)
         device = self._place_model()
-        prompt_cache: dict[str, list[int]] = {}
-        encoded = [self.encode(prompt, completion, prompt_cache) for prompt, completion in zip(prompts, completions)]
-        order = sorted(range(len(encoded)), key=lambda row: -len(encoded[row][0]))
-        rewards = torch.zeros(len(encoded), dtype=torch.float32)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            for start in range(0, len(order), self.batch_size):
-                rows = order[start : start + self.batch_size]
-                width = len(encoded[rows[0]][0])
-                input_ids = torch.full((len(rows), width), self._pad_token_id, dtype=torch.long)
-                attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-                for index, row in enumerate(rows):
-                    ids = encoded[row][0]
-                    input_ids[index, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-                    attention_mask[index, : len(ids)] = 1
-                prompt_lengths = torch.tensor([encoded[row][1] for row in rows], dtype=torch.long)
-                output = self.model(
-                    input_ids=input_ids.to(device),
-                    attention_mask=attention_mask.to(device),
-                    prompt_lengths=prompt_lengths.to(device),
-                )
-                batch = self.user_rewards.combine(
-                    output.expert_rewards.float(), output.routing_weights.float(), [user_ids[row] for row in rows]
-                )
-                rewards[torch.tensor(rows)] = batch.float().cpu()
-        finally:
-            self.model.train(was_training)
-        return rewards
+        encoded = self.encoder.encode_many(list(prompts), list(completions))
+        self.encoder.truncation.warn("PersonalizedReward")
+        outputs = run_model(
+            self.model,
+            [ids for ids, _ in encoded],
+            [length for _, length in encoded],
+            self.encoder.pad_token_id,
+            self.batch_size,
+            device,
+        )
+        rewards = self.user_rewards.combine(outputs["expert_rewards"], outputs["routing_weights"], list(user_ids))
+        return check_finite(rewards.float(), "PersonalizedReward", _dtype(self.model), self.nonfinite_value)
 
     def __call__(
         self,
@@ -482,17 +428,6 @@ class _ProfileLookup:
         if is_missing_user(user_id):
             return default
         return self.profiles.get(user_id, default)
-
-
-def _text(completion: Any) -> str:
-    """The text of a standard completion (a string, or, defensively, a list of messages)."""
-    if isinstance(completion, str):
-        return completion
-    if isinstance(completion, Sequence):
-        return "".join(
-            str(message.get("content", "")) if isinstance(message, Mapping) else str(message) for message in completion
-        )
-    return str(completion)
 
 
 def unpartition_zero3(model: nn.Module) -> nn.Module:

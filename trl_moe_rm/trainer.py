@@ -14,7 +14,6 @@ from datasets import Dataset, IterableDataset
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback, set_seed
 from transformers.utils import logging
 from trl import RewardTrainer
-from trl.data_utils import is_conversational, maybe_apply_chat_template
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
 from . import losses
@@ -23,12 +22,12 @@ from .configuration_moe_reward import config_fingerprint
 from .feature_cache import FeatureBank, backbone_fingerprint, encode_preference_dataset
 from .init import apply_expert_init, pca_expert_init
 from .modeling_moe_reward import MoERewardModel
+from .processing import PREFERENCE_COLUMNS, common_prefix_length, tokenize_preference
 from .profiles import PROFILES_DIRNAME, ProfileStore, UserProfile
 
 
 logger = logging.get_logger(__name__)
 
-PREFERENCE_COLUMNS = ("chosen", "rejected")
 TOKENIZED_COLUMNS = ("chosen_ids", "rejected_ids")
 # Without cached features, `expert_init="pca"` encodes at most this many (randomly chosen) training pairs.
 PCA_INIT_MAX_PAIRS = 4096
@@ -60,15 +59,6 @@ class DataCollatorForMoEPreference(DataCollatorForPreference):
         if "user_id" in examples[0]:
             output["user_ids"] = [example["user_id"] for example in examples]
         return output
-
-
-def _common_prefix_length(ids: list[int], other_ids: list[int]) -> int:
-    length = 0
-    for token, other in zip(ids, other_ids):
-        if token != other:
-            break
-        length += 1
-    return length
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -349,7 +339,7 @@ class MoERewardTrainer(RewardTrainer):
                 "column (e.g. with `trl.extract_prompt`) for exact prompt routing, or set `router_input='sequence'`."
             )
         dataset = dataset.map(
-            _tokenize_preference,
+            tokenize_preference,
             fn_kwargs={"processing_class": processing_class},
             remove_columns=[c for c in ("chosen", "rejected", "prompt") if c in columns],
             **self._map_kwargs(dataset, args, dataset_name),
@@ -715,52 +705,4 @@ def _check_margins(dataset: Dataset) -> None:
 
 
 def _prompt_length_from_common_prefix(example: dict[str, Any]) -> dict[str, int]:
-    return {"prompt_length": _common_prefix_length(example["chosen_ids"], example["rejected_ids"])}
-
-
-def _tokenize_preference(example: dict[str, Any], processing_class: PreTrainedTokenizerBase) -> dict[str, Any]:
-    """Tokenize prompt and responses separately, so that both rows of a pair start with the same prompt tokens."""
-    for column in ("prompt", "chosen", "rejected"):
-        if column in example and not isinstance(example[column], (str, list)):
-            raise ValueError(
-                f"`{column}` must be a string (or a list of chat messages), got {type(example[column]).__name__} "
-                f"({example[column]!r:.80}). Convert the column to text, e.g. `dataset.cast_column('{column}', "
-                "datasets.Value('string'))`."
-            )
-    for column in ("chosen", "rejected"):
-        text = example[column]
-        content = text if isinstance(text, str) else " ".join(str(m.get("content", "")) for m in text)
-        if not content.strip():
-            raise ValueError(
-                f"Found an empty `{column}` response (prompt: {str(example.get('prompt', ''))[:80]!r}). Remove empty "
-                "responses from the dataset, e.g. `dataset.filter(lambda x: x['chosen'].strip() and "
-                "x['rejected'].strip())`."
-            )
-    conversational = is_conversational(example)
-    example = maybe_apply_chat_template(example, processing_class)
-    end = [] if conversational else _end_of_sequence_ids(processing_class)
-
-    def encode(text: str, special: bool) -> list[int]:
-        return processing_class(text, add_special_tokens=special)["input_ids"]
-
-    def with_end(ids: list[int]) -> list[int]:
-        return ids + end if end and ids[-len(end) :] != end else ids
-
-    if "prompt" in example:
-        prompt_ids = encode(example["prompt"], special=not conversational)
-        chosen_ids = with_end(prompt_ids + encode(example["chosen"], special=False))
-        rejected_ids = with_end(prompt_ids + encode(example["rejected"], special=False))
-        prompt_length = len(prompt_ids)
-    else:
-        chosen_ids = with_end(encode(example["chosen"], special=not conversational))
-        rejected_ids = with_end(encode(example["rejected"], special=not conversational))
-        prompt_length = _common_prefix_length(chosen_ids, rejected_ids)
-    return {"chosen_ids": chosen_ids, "rejected_ids": rejected_ids, "prompt_length": prompt_length}
-
-
-def _end_of_sequence_ids(processing_class: PreTrainedTokenizerBase) -> list[int]:
-    """The token closing a response: eos for decoders, sep for BERT-style encoders."""
-    for token_id in (processing_class.eos_token_id, processing_class.sep_token_id):
-        if token_id is not None:
-            return [token_id]
-    return []
+    return {"prompt_length": common_prefix_length(example["chosen_ids"], example["rejected_ids"])}
