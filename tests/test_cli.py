@@ -67,8 +67,67 @@ def test_score_plain_and_bad_rows(model_dir, tmp_path):
     assert main(["score", "--model", str(model_dir), "--input", str(source), "--output", str(out)]) == 0
     assert "reward" in json.loads(out.read_text())
     bad = _write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "what"}])
-    with pytest.raises(SystemExit, match="missing string field"):
+    with pytest.raises(SystemExit, match="2"):
         main(["score", "--model", str(model_dir), "--input", str(bad), "--output", str(out)])
+
+
+def _score_error(argv, capsys) -> str:
+    """Run a `score` command that must fail: exit code 2, one line on stderr, no traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["score", *argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len([line for line in err if "error" in line]) == 1 and not any("Traceback" in line for line in err)
+    return err[-1]
+
+
+def test_score_bad_inputs_give_one_line(model_dir, tmp_path, capsys):
+    """Issue 13: each bad input of `score` exits 2 with one line naming the input and the fix."""
+    good = _write_jsonl(tmp_path / "in.jsonl", [{"prompt": "what", "completion": "good"}])
+    out = tmp_path / "out.jsonl"
+    base = ["--model", str(model_dir), "--input", str(good), "--output", str(out)]
+    assert "must be >= 1" in _score_error([*base, "--batch_size", "-1"], capsys)
+    assert "must be >= 1" in _score_error([*base, "--batch_size", "0"], capsys)
+    assert "no response column" in _score_error(
+        ["--model", str(model_dir), "--input", str(_write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "x"}])),
+         "--output", str(out)], capsys)
+    not_object = tmp_path / "list.jsonl"
+    not_object.write_text('{"prompt": "a", "completion": "b"}\n[1, 2]\n')
+    assert "list.jsonl:2: each line must be a JSON object" in _score_error(
+        ["--model", str(model_dir), "--input", str(not_object), "--output", str(out)], capsys)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    assert "is empty" in _score_error(["--model", str(model_dir), "--input", str(empty), "--output", str(out)], capsys)
+    assert "is a directory" in _score_error(["--model", str(model_dir), "--input", str(good), "--output",
+                                              str(tmp_path)], capsys)
+    message = _score_error(["--model", str(model_dir), "--input", str(good), "--output",
+                            str(tmp_path / "missing" / "out.jsonl")], capsys)
+    assert "does not exist" in message and ".tmp" not in message
+    assert "not a directory" in _score_error([*base, "--profiles", str(tmp_path / "no_profiles")], capsys)
+    assert not out.exists()
+
+
+def test_score_reads_trl_rows_and_writes_the_input_format(model_dir, tmp_path):
+    """Issue 15: TRL's prompt/completion rows, conversational or plain, from JSONL or parquet; null users fall back."""
+    from datasets import Dataset
+
+    rows = [
+        {"prompt": "tell me about cat", "completion": "good one", "user_id": None},
+        {"prompt": "tell me about dog", "completion": "bad two", "user_id": None},
+    ]
+    source = _write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out.jsonl"
+    store = tmp_path / "store"
+    store.mkdir()
+    assert main(["score", "--model", str(model_dir), "--input", str(source), "--output", str(out),
+                 "--profiles", str(store)]) == 0
+    jsonl_rewards = [json.loads(line)["reward"] for line in out.read_text().splitlines()]
+    parquet = tmp_path / "in.parquet"
+    Dataset.from_list(rows).to_parquet(parquet)
+    assert main(["score", "--model_name_or_path", str(model_dir), "--dataset_name", str(parquet), "--output",
+                 str(tmp_path / "out.parquet"), "--profiles", str(store)]) == 0
+    scored = Dataset.from_parquet(str(tmp_path / "out.parquet"))
+    assert scored["reward"] == pytest.approx(jsonl_rewards, abs=1e-6)
 
 
 def test_demo_rejects_an_output_dir_that_is_a_file(tmp_path, capsys):

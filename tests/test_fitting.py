@@ -349,7 +349,7 @@ def test_mixture_scores_and_accuracy():
     scores = torch.tensor([[1.0, -2.0], [-1.0, 3.0], [0.5, 0.5]])
     w = torch.tensor([0.75, 0.25])
     torch.testing.assert_close(mixture_scores(scores, w), torch.tensor([0.25, 0.0, 0.5]))
-    assert pairwise_accuracy(scores, w) == pytest.approx(2 / 3)  # a tie counts as an error
+    assert pairwise_accuracy(scores, w) == pytest.approx(2.5 / 3)  # a tie counts as half a correct pair
     routing = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
     torch.testing.assert_close(mixture_scores(scores, w, routing=routing), torch.tensor([1.0, 3.0, 0.5]))
     assert pairwise_accuracy(scores, w, routing=routing) == 1.0

@@ -8,6 +8,7 @@ from .modeling_moe_reward import MoERewardModel, MoERewardModelOutput, MoEUserRe
 from .personalization import UserRewards, fit_user_weights, fit_users, weight_shift
 from .profiles import ProfileStore, UserProfile
 from .rewards import PersonalizedReward
+from .scoring import score, score_pairs
 from .trainer import MoERewardTrainer
 
 
@@ -32,5 +33,7 @@ __all__ = [
     "UserRewards",
     "fit_user_weights",
     "fit_users",
+    "score",
+    "score_pairs",
     "weight_shift",
 ]

@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -96,75 +97,146 @@ def _run_personalize(args: argparse.Namespace) -> int:
 def _add_score(subparsers) -> None:
     parser = subparsers.add_parser(
         "score",
-        help="Score JSONL rows (prompt, response) with a trained model, optionally for a user.",
-        description="JSONL in (prompt, response[, user_id]), JSONL out (the same rows plus `reward`).",
+        help="Score rows (prompt, completion) with a trained model, optionally for each row's user.",
+        description=(
+            "Read rows with a `prompt` and a `completion` (TRL's prompt/completion format; the legacy `response` "
+            "works too), plain text or chat messages, from a .jsonl/.json/.parquet/.csv file, a `save_to_disk` folder "
+            "or a Hub dataset, and write them back with a `reward` column, in the input's format (.parquet -> "
+            ".parquet, .csv -> .csv, else JSONL)."
+        ),
     )
-    parser.add_argument("--model", required=True, help="Directory (or Hub id) of a trained MoE reward model.")
-    parser.add_argument("--input", required=True, help="Input JSONL with `prompt` and `response`.")
-    parser.add_argument("--output", required=True, help="Output JSONL.")
+    parser.add_argument(
+        "--model_name_or_path", "--model", dest="model", required=True, help="Directory or Hub id of a trained model."
+    )
+    parser.add_argument(
+        "--dataset_name", "--input", dest="input", required=True, help="Rows to score: a file, folder or Hub id."
+    )
+    parser.add_argument("--dataset_split", default=None, help="Split to score (default: the only one, or `train`).")
+    parser.add_argument("--output", required=True, help="Output file (.jsonl, .parquet or .csv).")
     parser.add_argument("--user_id", default=None, help="Score every row for this user (else the row's `user_id`).")
     parser.add_argument("--profiles", default=None, help="ProfileStore directory with the users' profiles.")
     parser.add_argument("--strict", action="store_true", help="Fail on unknown users instead of the default routing.")
-    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--batch_size", type=_positive_int, default=32, help="Rows per forward pass.")
+    parser.add_argument("--max_length", type=_positive_int, default=None, help="Truncate longer rows (tokens).")
     parser.set_defaults(func=_run_score)
 
 
-def _run_score(args: argparse.Namespace) -> int:
-    import torch
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
-    from .io_utils import atomic_write_text
-    from .personalization import UserRewards
-    from .profiles import ProfileStore
 
+def _check_output_file(path: str, flag: str) -> None:
+    """Fail before any work when `path` cannot be written: a directory, or a folder that does not exist."""
+    from pathlib import Path
+
+    target = Path(path)
+    if target.is_dir():
+        raise IsADirectoryError(f"{flag} {path!r} is a directory; pass a file path, e.g. {path.rstrip('/')}/out.jsonl.")
+    parent = target.parent if str(target.parent) else Path(".")
+    if not parent.is_dir():
+        raise FileNotFoundError(f"{flag} {path!r}: the folder {str(parent)!r} does not exist; create it first.")
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(f"{flag} {path!r}: the folder {str(parent)!r} is not writable.")
+
+
+def _read_rows(path: str, split: str | None) -> tuple[list[dict], str]:
+    """Rows of a file, folder or Hub dataset, and the format to write them back in."""
+    from pathlib import Path
+
+    from .data.loading import load_preference_dataset
+
+    local = Path(path)
+    if local.suffix.lower() in (".jsonl", ".json") and local.is_file():
+        return _read_jsonl(local), "jsonl"
+    dataset = load_preference_dataset(path, check_columns=False)
+    dataset, _ = _select_split(dataset, split)
+    suffix = local.suffix.lower()
+    return dataset.to_list(), suffix[1:] if suffix in (".parquet", ".csv") else "jsonl"
+
+
+def _read_jsonl(path) -> list[dict]:
     rows = []
-    with open(args.input, encoding="utf-8") as file:
-        for number, line in enumerate(file, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise SystemExit(f"{args.input}:{number}: not valid JSON ({error.msg}).") from None
-            missing = [key for key in ("prompt", "response") if not isinstance(row.get(key), str)]
-            if missing:
-                raise SystemExit(f"{args.input}:{number}: missing string field(s) {missing}; each row needs them.")
-            rows.append(row)
-    if (args.user_id or any("user_id" in row for row in rows)) and not args.profiles:
-        raise SystemExit("Scoring for users needs --profiles <ProfileStore directory>.")
-    model, tokenizer = _load_model_and_tokenizer(args.model)
-    users = UserRewards(model, ProfileStore(args.profiles), strict=args.strict) if args.profiles else None
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    end = (
-        [tokenizer.eos_token_id or tokenizer.sep_token_id]
-        if (tokenizer.eos_token_id or tokenizer.sep_token_id)
-        else []
-    )
-    for start in range(0, len(rows), args.batch_size):
-        batch = rows[start : start + args.batch_size]
-        prompts = [tokenizer(row["prompt"])["input_ids"] for row in batch]
-        ids = [
-            p + tokenizer(row["response"], add_special_tokens=False)["input_ids"] + end
-            for p, row in zip(prompts, batch)
-        ]
-        width = max(len(x) for x in ids)
-        input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids])
-        attention_mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
-        with torch.inference_mode():
-            output = model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                prompt_lengths=torch.tensor([len(p) for p in prompts]),
+    with open(path, encoding="utf-8") as file:
+        text = file.read()
+    stripped = text.lstrip()
+    if stripped.startswith("["):  # a .json file holding one list of rows
+        try:
+            lines = [json.dumps(row) for row in json.loads(text)]
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: not valid JSON ({error.msg}, line {error.lineno}).") from None
+    else:
+        lines = text.splitlines()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{number}: not valid JSON ({error.msg}).") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{number}: each line must be a JSON object with `prompt` and `completion`.")
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"{path} is empty: it holds no rows to score.")
+    return rows
+
+
+def _write_rows(rows: list[dict], path: str, kind: str) -> None:
+    from .io_utils import atomic_write_bytes, atomic_write_text
+
+    if kind == "jsonl":
+        atomic_write_text(path, "".join(json.dumps(row, allow_nan=False) + "\n" for row in rows))
+        return
+    import io
+
+    import pandas as pd
+
+    buffer = io.BytesIO()
+    frame = pd.DataFrame(rows)
+    frame.to_parquet(buffer, index=False) if kind == "parquet" else frame.to_csv(buffer, index=False)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _run_score(args: argparse.Namespace) -> int:
+    from .processing import response_column
+    from .profiles import ProfileStore
+    from .rewards import PersonalizedReward
+
+    _check_output_file(args.output, "--output")
+    profiles = None
+    if args.profiles is not None:
+        if not os.path.isdir(args.profiles):
+            raise FileNotFoundError(
+                f"--profiles {args.profiles!r} is not a directory: pass the ProfileStore folder the users' profiles "
+                "were saved to (e.g. by `trl-moe-rm personalize --store DIR`)."
             )
-        if users is None:
-            rewards = output.logits[:, 0]
-        else:
-            user_ids = [args.user_id if args.user_id is not None else row.get("user_id") for row in batch]
-            rewards = users.combine(output.expert_rewards, output.routing_weights, user_ids)
-        for row, reward in zip(batch, rewards.tolist()):
-            row["reward"] = reward
-    atomic_write_text(args.output, "".join(json.dumps(row) + "\n" for row in rows))
-    if users is not None and users.num_fallbacks:
-        print(f"{users.num_fallbacks} row(s) had no profile and used the default routing.", file=sys.stderr)
+        profiles = ProfileStore(args.profiles)
+    rows, kind = _read_rows(args.input, args.dataset_split)
+    completion = response_column(list(rows[0]))
+    for number, row in enumerate(rows, start=1):
+        if completion not in row:
+            raise ValueError(f"{args.input}: row {number} has no `{completion}` (each row needs `prompt` and it).")
+    has_users = args.user_id is not None or any(row.get("user_id") is not None for row in rows)
+    if has_users and profiles is None:
+        raise ValueError("Scoring for users needs --profiles <ProfileStore directory> (rows carry a `user_id`).")
+    model, tokenizer = _load_model_and_tokenizer(args.model)
+    reward = PersonalizedReward(
+        model, profiles or {}, tokenizer=tokenizer, batch_size=args.batch_size, strict=args.strict,
+        max_length=args.max_length,
+    )
+    user_ids = [args.user_id if args.user_id is not None else row.get("user_id") for row in rows]
+    rewards = reward.score([row.get("prompt") for row in rows], [row[completion] for row in rows], user_ids)
+    for row, value in zip(rows, rewards.tolist()):
+        row["reward"] = value
+    _write_rows(rows, args.output, kind)
+    if has_users and reward.num_fallbacks:
+        print(f"{reward.num_fallbacks} row(s) had no profile and used the default routing.", file=sys.stderr)
     print(f"Scored {len(rows)} rows into {args.output}")
     return 0
 
@@ -253,12 +325,14 @@ def _analysis_markdown(report: dict, records: list[dict], title: str, figures: d
 def _run_analyze(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .analysis import analysis_report, describe_experts, score_pairs
-    from .data.controlled import ATTRIBUTES
+    from .data.controlled import ATTRIBUTE_MARKERS, ATTRIBUTES
     from .data.loading import load_preference_dataset
+    from .descriptions import describe_experts
     from .io_utils import atomic_write_text
     from .model_card import EXPERTS_FILENAME, ROUTING_HEATMAP_FILENAME, expert_records, experts_file_content
     from .plots import plot_expert_attribute_heatmap, plot_routing_heatmap
+    from .report import analysis_report
+    from .scoring import score_pairs
 
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
@@ -290,17 +364,19 @@ def _run_analyze(args: argparse.Namespace) -> int:
     scores = score_pairs(model, tokenizer, dataset, batch_size=args.batch_size, max_length=args.max_length)
     metrics = ["accuracy"] + (["conflict_accuracy"] if "conflict" in columns else [])
     metrics += ["nmi", "purity"] if category_column else []
-    attribute_names = None
-    if has_attributes:
+    attribute_names = markers = None
+    if has_attributes:  # the controlled data's attributes and planted markers when the vectors have their width
         width = len(dataset[0]["chosen_attributes"])
-        attribute_names = list(ATTRIBUTES) if width == len(ATTRIBUTES) else [f"attribute_{a}" for a in range(width)]
-        metrics += ["specialization", "steering"]
-        metrics += ["description_accuracy"] if attribute_names == list(ATTRIBUTES) else []
+        controlled = width == len(ATTRIBUTES)
+        attribute_names = list(ATTRIBUTES) if controlled else [f"attribute_{a}" for a in range(width)]
+        markers = ATTRIBUTE_MARKERS if controlled else None
+        metrics += ["specialization", "steering"] + (["description_accuracy"] if controlled else [])
     report = analysis_report(
         scores,
         dataset,
         metrics=metrics,
         attribute_names=attribute_names,
+        markers=markers,
         top_n_words=args.top_n_words,
         category_column=category_column or "category",
     )
@@ -425,11 +501,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_score(subparsers)
     _add_analyze(subparsers)
     _add_push(subparsers)
-    args = parser.parse_args(argv)
+    # `--debug` (anywhere on the line) shows the full traceback of an error instead of its one-line message.
+    debug = "--debug" in argv
+    args = parser.parse_args([arg for arg in argv if arg != "--debug"])
     try:
         return args.func(args)
-    except (FileNotFoundError, NotADirectoryError, PermissionError, ValueError, KeyError) as error:
-        parser.exit(2, f"trl-moe-rm {args.command}: error: {error}\n")
+    except Exception as error:  # one line for the user; `--debug` shows where it came from
+        if debug:
+            raise
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        parser.exit(2, f"trl-moe-rm {args.command}: error: {message}\n")
 
 
 if __name__ == "__main__":

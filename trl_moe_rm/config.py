@@ -5,7 +5,15 @@ from typing import Any
 
 from trl import RewardConfig
 
-from .configuration_moe_reward import EXPERT_TYPES, POOLINGS, ROUTER_GRADIENTS, ROUTER_INPUTS
+from .configuration_moe_reward import (
+    EXPERT_TYPES,
+    HEAD_FIELDS,
+    POOLINGS,
+    PROMPT_ENCODINGS,
+    ROUTER_GRADIENTS,
+    ROUTER_INPUTS,
+    check_head_fields,
+)
 from .init import EXPERT_INITS
 
 
@@ -44,6 +52,11 @@ class MoERewardConfig(RewardConfig):
             Hidden width of `"mlp"` experts.
         pooling (`str`, *optional*):
             `"last"`, `"cls"` or `"mean"`; defaults to `"last"` for decoders and `"mean"` for encoders.
+        prompt_encoding (`str`, *optional*):
+            How the router's prompt features are computed: `"shared"` (the hidden state at the prompt's last token of
+            the full pass; exact for causal decoders), `"separate"` (a second backbone pass over the prompt alone) or
+            `"separate_no_grad"` (that pass without gradient: the router's loss does not train the backbone). Defaults
+            to `"shared"` for decoders and `"separate"` for encoders.
         freeze_backbone (`bool`, *optional*, defaults to `False`):
             Train only the router and the experts (the backbone is frozen), as MiCRo, DRMs and LoRe do.
         cache_features (`bool`, *optional*, defaults to `False`):
@@ -108,27 +121,36 @@ class MoERewardConfig(RewardConfig):
             Separate learning rate for the router. Defaults to `learning_rate`.
     """
 
-    num_experts: int = field(default=8, metadata={"help": "Number of expert heads K."})
-    top_k: int = field(default=2, metadata={"help": "Experts per sample; num_experts gives a dense mixture."})
+    num_experts: int = field(default=HEAD_FIELDS["num_experts"], metadata={"help": "Number of expert heads K."})
+    top_k: int = field(default=HEAD_FIELDS["top_k"], metadata={"help": "Experts per sample; num_experts gives a dense mixture."})
     router_input: str = field(
-        default="prompt", metadata={"help": "What the router reads.", "choices": list(ROUTER_INPUTS)}
+        default=HEAD_FIELDS["router_input"], metadata={"help": "What the router reads.", "choices": list(ROUTER_INPUTS)}
     )
-    router_temperature: float = field(default=1.0, metadata={"help": "Temperature of the router softmax."})
-    router_noise_std: float = field(default=0.0, metadata={"help": "Noisy top-k gating std (training only)."})
+    router_temperature: float = field(default=HEAD_FIELDS["router_temperature"], metadata={"help": "Temperature of the router softmax."})
+    router_noise_std: float = field(default=HEAD_FIELDS["router_noise_std"], metadata={"help": "Noisy top-k gating std (training only)."})
     router_gradient: str = field(
-        default="sparse",
+        default=HEAD_FIELDS["router_gradient"],
         metadata={
             "help": "Router gradient: 'sparse' (top-k only) or 'dense' (straight-through).",
             "choices": list(ROUTER_GRADIENTS),
         },
     )
-    expert_type: str = field(default="linear", metadata={"help": "Expert head type.", "choices": list(EXPERT_TYPES)})
-    expert_hidden_size: int = field(default=256, metadata={"help": "Hidden width of MLP experts."})
+    expert_type: str = field(default=HEAD_FIELDS["expert_type"], metadata={"help": "Expert head type.", "choices": list(EXPERT_TYPES)})
+    expert_hidden_size: int = field(default=HEAD_FIELDS["expert_hidden_size"], metadata={"help": "Hidden width of MLP experts."})
     pooling: str | None = field(
-        default=None,
+        default=HEAD_FIELDS["pooling"],
         metadata={
             "help": "Sequence pooling (default: last for decoders, mean for encoders).",
             "choices": [*POOLINGS, None],
+        },
+    )
+    prompt_encoding: str | None = field(
+        default=HEAD_FIELDS["prompt_encoding"],
+        metadata={
+            "help": "How the router's prompt features are computed: 'shared' (the prompt's last token of the full "
+            "pass), 'separate' (a second pass over the prompt) or 'separate_no_grad' (that pass without gradient). "
+            "Default: shared for decoders, separate for encoders.",
+            "choices": [*PROMPT_ENCODINGS, None],
         },
     )
     freeze_backbone: bool = field(default=False, metadata={"help": "Train only the router and the experts."})
@@ -164,14 +186,15 @@ class MoERewardConfig(RewardConfig):
     router_learning_rate: float | None = field(default=None, metadata={"help": "Separate router learning rate."})
 
     def __post_init__(self):
+        if self.bf16 is None and not self.fp16 and not _bf16_available(self.use_cpu):
+            # TRL's configs default to bf16 (trl>=1.0), which transformers refuses on a machine without bf16 support
+            # ("Your setup doesn't support bf16/gpu"); default to float32 there instead.
+            self.bf16 = False
         super().__post_init__()
         for name, choices in (
             ("loss_type", LOSS_TYPES),
             ("balance_type", BALANCE_TYPES),
             ("diversity_type", DIVERSITY_TYPES),
-            ("router_input", ROUTER_INPUTS),
-            ("router_gradient", ROUTER_GRADIENTS),
-            ("expert_type", EXPERT_TYPES),
         ):
             if getattr(self, name) not in choices:
                 raise ValueError(f"`{name}` must be one of {list(choices)}, got {getattr(self, name)!r}.")
@@ -185,11 +208,7 @@ class MoERewardConfig(RewardConfig):
                 )
         if self.user_weights_learning_rate is not None and self.user_weights_learning_rate <= 0:
             raise ValueError(f"`user_weights_learning_rate` must be > 0, got {self.user_weights_learning_rate}.")
-        if not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(
-                f"`top_k` must be between 1 and `num_experts` ({self.num_experts}), got {self.top_k}. Use "
-                f"`top_k={self.num_experts}` for a dense mixture."
-            )
+        check_head_fields(self.moe_model_kwargs)
         if self.assignment_temperature <= 0:
             raise ValueError(f"`assignment_temperature` must be > 0, got {self.assignment_temperature}.")
         for name in (
@@ -206,14 +225,14 @@ class MoERewardConfig(RewardConfig):
     @property
     def moe_model_kwargs(self) -> dict[str, Any]:
         """The [`MoERewardModelConfig`] arguments carried by this configuration."""
-        return {
-            "num_experts": self.num_experts,
-            "top_k": self.top_k,
-            "router_input": self.router_input,
-            "router_temperature": self.router_temperature,
-            "router_noise_std": self.router_noise_std,
-            "router_gradient": self.router_gradient,
-            "expert_type": self.expert_type,
-            "expert_hidden_size": self.expert_hidden_size,
-            "pooling": self.pooling,
-        }
+        return {name: getattr(self, name) for name in HEAD_FIELDS}
+
+
+def _bf16_available(use_cpu: bool) -> bool:
+    """Whether transformers accepts `bf16=True` here: a bf16-capable accelerator that `use_cpu` does not disable."""
+    import torch
+    from transformers.utils import is_torch_bf16_gpu_available
+
+    if use_cpu:
+        return False
+    return is_torch_bf16_gpu_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())

@@ -6,6 +6,7 @@ loads with `trust_remote_code=True` on machines where `trl_moe_rm` is not instal
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,6 +19,58 @@ ROUTER_GRADIENTS = ("sparse", "dense")
 EXPERT_TYPES = ("linear", "mlp")
 POOLINGS = ("last", "cls", "mean")
 PROMPT_ENCODINGS = ("shared", "separate", "separate_no_grad")
+
+HEAD_FIELDS: dict[str, Any] = {
+    "num_experts": 8,
+    "top_k": 2,
+    "router_input": "prompt",
+    "router_temperature": 1.0,
+    "router_noise_std": 0.0,
+    "router_gradient": "sparse",
+    "expert_type": "linear",
+    "expert_hidden_size": 256,
+    "pooling": None,
+    "prompt_encoding": None,
+}
+"""The model's head fields and their defaults: the one list `MoERewardConfig` derives its model arguments from."""
+
+
+def check_head_fields(fields: Mapping[str, Any]) -> None:
+    """
+    Validate head fields (any subset of [`HEAD_FIELDS`]), with one clear `ValueError` naming the field and its allowed
+    values. `pooling` and `prompt_encoding` may be `None` (chosen from the backbone).
+    """
+    num_experts = fields.get("num_experts", HEAD_FIELDS["num_experts"])
+    for name in ("num_experts", "top_k", "expert_hidden_size"):
+        value = fields.get(name, HEAD_FIELDS[name])
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+    top_k = fields.get("top_k", HEAD_FIELDS["top_k"])
+    if top_k > num_experts:
+        raise ValueError(
+            f"`top_k` must be an integer between 1 and `num_experts` ({num_experts}), got {top_k!r}. Use "
+            f"`top_k={num_experts}` for a dense mixture."
+        )
+    temperature = fields.get("router_temperature", 1.0)
+    if not _is_real(temperature) or not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"`router_temperature` must be a finite number > 0, got {temperature!r}.")
+    noise = fields.get("router_noise_std", 0.0)
+    if not _is_real(noise) or not math.isfinite(noise) or noise < 0:
+        raise ValueError(f"`router_noise_std` must be a finite number >= 0, got {noise!r}.")
+    for name, choices in (
+        ("router_input", ROUTER_INPUTS),
+        ("router_gradient", ROUTER_GRADIENTS),
+        ("expert_type", EXPERT_TYPES),
+        ("pooling", POOLINGS),
+        ("prompt_encoding", PROMPT_ENCODINGS),
+    ):
+        value = fields.get(name)
+        if value is not None or name in ("router_input", "router_gradient", "expert_type"):
+            _check_choice(name, value if name in fields else HEAD_FIELDS[name], choices)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class MoERewardModelConfig(PretrainedConfig):
@@ -121,27 +174,25 @@ class MoERewardModelConfig(PretrainedConfig):
             backbone_config = CONFIG_MAPPING[backbone_config.pop("model_type")](**backbone_config)
         self.backbone_config = backbone_config
 
-        if not isinstance(num_experts, int) or num_experts < 1:
-            raise ValueError(f"`num_experts` must be a positive integer, got {num_experts!r}.")
-        if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
-            raise ValueError(
-                f"`top_k` must be an integer between 1 and `num_experts` ({num_experts}), got {top_k!r}. Use "
-                f"`top_k={num_experts}` for a dense mixture."
-            )
-        _check_choice("router_input", router_input, ROUTER_INPUTS)
-        _check_choice("expert_type", expert_type, EXPERT_TYPES)
-        _check_choice("router_gradient", router_gradient, ROUTER_GRADIENTS)
-        if router_temperature <= 0:
-            raise ValueError(f"`router_temperature` must be > 0, got {router_temperature}.")
-        if router_noise_std < 0:
-            raise ValueError(f"`router_noise_std` must be >= 0, got {router_noise_std}.")
+        check_head_fields(
+            {
+                "num_experts": num_experts,
+                "top_k": top_k,
+                "router_input": router_input,
+                "router_temperature": router_temperature,
+                "router_noise_std": router_noise_std,
+                "router_gradient": router_gradient,
+                "expert_type": expert_type,
+                "expert_hidden_size": expert_hidden_size,
+                "pooling": pooling,
+                "prompt_encoding": prompt_encoding,
+            }
+        )
         if num_labels != 1:
             raise ValueError(f"`num_labels` must be 1 for a reward model (one scalar per sequence), got {num_labels}.")
         is_encoder = is_encoder_only(backbone_config)
         pooling = pooling or ("mean" if is_encoder else "last")
         prompt_encoding = prompt_encoding or ("separate" if is_encoder else "shared")
-        _check_choice("pooling", pooling, POOLINGS)
-        _check_choice("prompt_encoding", prompt_encoding, PROMPT_ENCODINGS)
 
         self.num_experts = num_experts
         self.top_k = top_k
@@ -255,4 +306,4 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"`{name}` must be one of {list(choices)}, got {value!r}.")
 
 
-__all__ = ["MoERewardModelConfig", "config_fingerprint"]
+__all__ = ["HEAD_FIELDS", "MoERewardModelConfig", "check_head_fields", "config_fingerprint"]

@@ -26,6 +26,9 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from .accuracy import pairwise_outcomes
+from .modeling_moe_reward import log_routing, mix_log_weights, softmax_rows, user_mixture_weights
+
 
 __all__ = [
     "FIT_METHODS",
@@ -218,7 +221,7 @@ def _device_of(x: TensorLike) -> torch.device:
 
 def _finalize(log_w: torch.Tensor, batched: bool, device: torch.device) -> torch.Tensor:
     """Normalises log-weights `(U, K)` into float32 simplex weights, squeezing the batch dim for a single user."""
-    w = _softmax_rows(log_w.to(torch.float64))
+    w = softmax_rows(log_w.to(torch.float64))
     w = torch.nan_to_num(w, nan=0.0).clamp_min(0.0)
     w = w / w.sum(dim=-1, keepdim=True)
     w = w.to(torch.float32)
@@ -242,17 +245,6 @@ def _log_prior(prior: torch.Tensor) -> torch.Tensor:
     return torch.log(prior)
 
 
-def _softmax_rows(x: torch.Tensor) -> torch.Tensor:
-    """
-    Softmax over the last dim built from elementwise ops and simple reductions. Same values as `torch.softmax`, but it
-    avoids kernels that hand tiny batched inputs to the intra-op thread pool, which costs milliseconds per call when the
-    CPU is busy (it runs inside the loops of `fit_gradient` and routed `fit_hedge`). Every row must have a finite entry.
-    """
-    shift = x.detach().amax(dim=-1, keepdim=True)
-    e = torch.exp(x - shift)
-    return e / e.sum(dim=-1, keepdim=True)
-
-
 def _shift_to_best(total_loss: torch.Tensor, log_prior: torch.Tensor) -> torch.Tensor:
     """
     Subtracts, per user, the smallest loss among experts with non-zero prior weight. The softmax is unchanged, but the
@@ -262,30 +254,6 @@ def _shift_to_best(total_loss: torch.Tensor, log_prior: torch.Tensor) -> torch.T
     supported = torch.isfinite(log_prior)
     best = torch.where(supported, total_loss, torch.full_like(total_loss, math.inf)).amin(dim=-1, keepdim=True)
     return (total_loss - best).clamp_min(0.0)
-
-
-def _log_routing(g: torch.Tensor, beta: float) -> torch.Tensor:
-    """
-    Returns `beta * log(g)` shifted so that every row's maximum is 0 (the shift cancels in the normalisation). Entries
-    are in `[-inf, 0]`, `-inf` where `g == 0`; an all-zero row stays all `-inf`. `beta == 0` gives zeros (`0^0 == 1`).
-    Working with logs keeps `normalize(g^beta * w)` exact where `g^beta` or the product would underflow.
-    """
-    if beta == 0.0:
-        return torch.zeros_like(g)
-    log_g = torch.log(g)
-    row_max = log_g.amax(dim=-1, keepdim=True)
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    return beta * (log_g - row_max)
-
-
-def _routed(log_g: torch.Tensor, log_w: torch.Tensor) -> torch.Tensor:
-    """
-    `normalize(g^beta * w) = softmax(beta * log(g) + log(w))` over the last dim, falling back to `w = softmax(log_w)` on
-    rows where the product is all zero. `log_w` must broadcast against `log_g` and have a finite entry on every row.
-    """
-    logits = log_g + log_w
-    has_mass = torch.isfinite(logits).any(dim=-1, keepdim=True)
-    return _softmax_rows(torch.where(has_mass, logits, log_w.expand_as(logits)))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -353,13 +321,13 @@ def fit_hedge(
 
     beta = _check_non_negative(beta, "beta")
     g = _check_routing_values(_prepare_routing(routing, (num_users, n, k), batched), m)
-    log_g = _log_routing(g, beta)
+    log_g = log_routing(g, beta)
     all_zero = torch.isneginf(log_g).all(dim=-1, keepdim=True)
     awake = torch.where(all_zero, torch.ones_like(log_g), torch.exp(log_g))  # g^beta / max_j g^beta
     awake = awake * m.unsqueeze(-1)  # padding shots are asleep for everybody -> no update
     log_g = torch.where(all_zero, torch.zeros_like(log_g), log_g)
     for i in range(n):
-        p = _routed(log_g[:, i], log_w)
+        p = mix_log_weights(log_g[:, i], log_w)
         expected = (p * loss[:, i]).sum(dim=-1, keepdim=True)
         step = eta * awake[:, i] * (loss[:, i] - expected)
         # A huge `eta` may overflow the step: cap it (an expert's log-weight is <= 0 after normalisation, so capping at
@@ -497,7 +465,7 @@ def fit_gradient(
             beta = _check_non_negative(beta, "beta")
             g = _check_routing_values(_prepare_routing(routing, (num_users, n, k), batched), m)
             # g^beta / max_j g^beta per shot: in [0, 1] with a 1 on every row that has any routing mass.
-            g_tilde = torch.exp(_log_routing(g, beta)).clone()
+            g_tilde = torch.exp(log_routing(g, beta)).clone()
         # Everything is float64 (as cheap as float32 at these sizes, and it keeps the routed gradients finite) and
         # created here, so these are normal tensors even if the caller is in inference mode.
         d64 = d.clone()
@@ -510,7 +478,7 @@ def fit_gradient(
             optimizer = torch.optim.Adam([theta], lr=lr, foreach=False)
             for _ in range(steps):
                 optimizer.zero_grad(set_to_none=True)
-                w = _softmax_rows(theta)
+                w = softmax_rows(theta)
                 w_col = w.unsqueeze(-1)  # (U, K, 1)
                 # Sums over experts are written as batched matmuls: last-dim reductions on small tensors are slow
                 # when intra-op threads compete for a busy CPU.
@@ -580,8 +548,7 @@ def routed_weights(routing: TensorLike, weights: TensorLike, beta: float = 1.0) 
         raise ValueError("`weights` must be finite and non-negative (a point on the simplex).")
     if not bool((w64.sum(dim=-1) > 0).all()):
         raise ValueError("`weights` must have positive mass on every row (a point on the simplex).")
-    routed = _routed(_log_routing(g, beta), torch.log(w64 / w64.sum(dim=-1, keepdim=True)).unsqueeze(-2))
-    return routed.to(device=_device_of(routing), dtype=out_dtype)
+    return user_mixture_weights(g, w64, beta).to(device=_device_of(routing), dtype=out_dtype)
 
 
 def mixture_scores(
@@ -630,7 +597,8 @@ def pairwise_accuracy(
     deltas: TensorLike, weights: TensorLike, routing: TensorLike | None = None, beta: float = 1.0
 ) -> float:
     """
-    Fraction of pairs whose combined reward difference is strictly positive (ties count as errors).
+    Pairwise accuracy of the user's combined reward differences ([`~trl_moe_rm.accuracy.pairwise_accuracy`]: a tie
+    counts as half a correct pair).
 
     Args:
         deltas (`torch.Tensor` of shape `(n, K)` or `(U, n, K)`):
@@ -648,7 +616,8 @@ def pairwise_accuracy(
     combined = mixture_scores(deltas, weights, routing=routing, beta=beta)
     if combined.numel() == 0:
         raise ValueError("`deltas` has zero pairs; accuracy is undefined. Pass at least one labelled pair.")
-    return float((combined > 0).to(torch.float64).mean())
+    margins = combined.detach().to(torch.float64).cpu().reshape(-1).numpy()
+    return float(pairwise_outcomes(margins, 0.0 * margins).mean())
 
 
 FIT_METHODS: dict[str, Callable[..., torch.Tensor]] = {

@@ -413,7 +413,7 @@ class MoERewardModel(MoERewardPreTrainedModel):
             inputs_embeds[router_rows] if inputs_embeds is not None else None,
             attention_mask[router_rows],
             prompt_lengths[router_rows],
-            kwargs,
+            {key: _rows(value, reference.shape, router_rows) for key, value in kwargs.items()},
         )
         return sequence_features, router_features
 
@@ -505,12 +505,18 @@ class MoERewardModel(MoERewardPreTrainedModel):
         prompt_mask = attention_mask.bool() & (positions[None] < (start + prompt_lengths)[:, None])
         width = int((start + prompt_lengths).max().clamp_max(attention_mask.shape[1]))
         prompt_mask = prompt_mask[:, :width].to(attention_mask.dtype)
+        # Per-token inputs the tokenizer returns next to `input_ids` (e.g. BERT's `token_type_ids`) are cut to the
+        # prompt's width too.
+        per_token = {
+            key: value[:, :width] if _is_per_token(value, attention_mask.shape) else value
+            for key, value in backbone_kwargs.items()
+        }
         with torch.no_grad() if self.config.prompt_encoding == "separate_no_grad" else nullcontext():
             prompt_hidden = self.backbone(
                 input_ids=input_ids[:, :width] if input_ids is not None else None,
                 inputs_embeds=inputs_embeds[:, :width] if inputs_embeds is not None else None,
                 attention_mask=prompt_mask,
-                **backbone_kwargs,
+                **per_token,
             ).last_hidden_state
         return pool_hidden_states(prompt_hidden, prompt_mask, self.config.pooling)
 
@@ -546,13 +552,11 @@ class MoEUserRewardModel(MoERewardPreTrainedModel):
         return rewards.reshape(*hidden_states.shape[:-1], 1)
 
     def mixture_weights(self, routing_weights: torch.Tensor) -> torch.Tensor:
-        """The user's mixture weights for each row, given the default routing `g(x)`."""
+        """The user's mixture weights for each row, given the default routing `g(x)` ([`user_mixture_weights`])."""
         weights = self.user_weights.to(routing_weights.dtype)
         if self.mode == "static":
             return weights.expand_as(routing_weights)
-        mixed = routing_weights.clamp_min(0).pow(self.beta) * weights
-        total = mixed.sum(dim=-1, keepdim=True)
-        return torch.where(total > 0, mixed / total.clamp_min(1e-30), weights.expand_as(routing_weights))
+        return user_mixture_weights(routing_weights, weights, self.beta).to(routing_weights.dtype)
 
     def forward(self, *args, **kwargs) -> MoERewardModelOutput:
         """Arguments of [`MoERewardModel.forward`]; `logits` is the user's reward."""
@@ -561,6 +565,73 @@ class MoEUserRewardModel(MoERewardPreTrainedModel):
         output.logits = (mixture * output.expert_rewards).sum(dim=-1, keepdim=True)
         output.routing_weights = mixture
         return output
+
+
+def _is_per_token(value: Any, shape: torch.Size) -> bool:
+    """Whether a backbone input is per token, `(batch_size, seq_len, ...)`, like `input_ids`."""
+    return isinstance(value, torch.Tensor) and value.dim() >= 2 and tuple(value.shape[:2]) == tuple(shape[:2])
+
+
+def _rows(value: Any, shape: torch.Size, rows: slice) -> Any:
+    """The router's rows of a per-token backbone input (all rows of anything else)."""
+    return value[rows] if _is_per_token(value, shape) else value
+
+
+def softmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """
+    Softmax over the last dim from elementwise ops and simple reductions: the values of `torch.softmax`, without the
+    kernels that hand tiny batched inputs to the intra-op thread pool (milliseconds per call on a busy CPU, inside the
+    personalization fits' loops). Every row must have a finite entry.
+    """
+    shift = x.detach().amax(dim=-1, keepdim=True)
+    e = torch.exp(x - shift)
+    return e / e.sum(dim=-1, keepdim=True)
+
+
+def log_routing(routing_weights: torch.Tensor, beta: float) -> torch.Tensor:
+    """
+    `beta * log(g)`, shifted so that every row's maximum is 0 (the shift cancels in the normalisation). Entries are in
+    `[-inf, 0]`, `-inf` where `g == 0`; an all-zero row stays all `-inf`; `beta == 0` gives zeros (`0^0 == 1`).
+    """
+    if beta == 0.0:
+        return torch.zeros_like(routing_weights)
+    log_g = torch.log(routing_weights)
+    row_max = log_g.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    return beta * (log_g - row_max)
+
+
+def mix_log_weights(log_g: torch.Tensor, log_w: torch.Tensor) -> torch.Tensor:
+    """
+    `normalize(g^beta * w) = softmax(beta * log(g) + log(w))` over the last dim, falling back to `softmax(log_w)` on
+    rows where the product is all zero. `log_w` must broadcast against `log_g` and have a finite entry on every row.
+    """
+    logits = log_g + log_w
+    has_mass = torch.isfinite(logits).any(dim=-1, keepdim=True)
+    return softmax_rows(torch.where(has_mass, logits, log_w.expand_as(logits)))
+
+
+def user_mixture_weights(routing_weights: torch.Tensor, user_weights: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
+    r"""
+    A user's per-prompt mixture in routed mode: `normalize(g(x)^beta * w_u)` row by row, computed in float64 log space
+    so that it stays exact where `g^beta` or the product would underflow. A row where the product is all zero (the
+    router gives no weight to any expert the user uses) falls back to `w_u`. This is the one definition of user mixing:
+    [`MoEUserRewardModel`], the personalization fits and [`~trl_moe_rm.UserRewards`] all use it.
+
+    Args:
+        routing_weights (`torch.Tensor` of shape `(n, K)` or `(U, n, K)`):
+            Non-negative default routing `g(x)`.
+        user_weights (`torch.Tensor` of shape `(K,)` or `(U, K)`):
+            The user's weights on the simplex.
+        beta (`float`, *optional*, defaults to `1.0`):
+            Exponent `>= 0` of the routing; `0` ignores the router (the static weights).
+
+    Returns:
+        `torch.Tensor`: float64 weights of the shape of `routing_weights`.
+    """
+    weights = user_weights.to(torch.float64)
+    log_w = torch.log(weights / weights.sum(dim=-1, keepdim=True)).unsqueeze(-2)
+    return mix_log_weights(log_routing(routing_weights.to(torch.float64).clamp_min(0), float(beta)), log_w)
 
 
 def first_token_index(attention_mask: torch.Tensor) -> torch.LongTensor:
@@ -601,4 +672,5 @@ __all__ = [
     "MoERewardPreTrainedModel",
     "MoEUserRewardModel",
     "top_k_routing",
+    "user_mixture_weights",
 ]

@@ -7,7 +7,7 @@ from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict,
 from datasets.exceptions import DatasetGenerationError
 
 
-LOCAL_SUFFIXES: dict[str, str] = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+LOCAL_SUFFIXES: dict[str, str] = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 """File suffixes read from local paths, mapped to the `datasets` builder that reads them."""
 
 PREFERENCE_COLUMNS: tuple[str, ...] = ("chosen", "rejected")
@@ -137,9 +137,11 @@ def _load_local(path: Path, streaming: bool) -> DatasetDict | IterableDatasetDic
             raise ValueError(
                 f"Cannot read {str(path)!r}: local datasets must be {', '.join(sorted(LOCAL_SUFFIXES))} files."
             )
+        if builder != "parquet" and not _has_content(path):
+            raise ValueError(f"The dataset file {str(path)!r} is empty: it holds no rows. Pass a file with data.")
         try:
             return load_dataset(builder, data_files={"train": str(path)}, streaming=streaming)
-        except DatasetGenerationError as error:
+        except (DatasetGenerationError, StopIteration) as error:
             raise ValueError(
                 f"Cannot read {str(path)!r}: {error.__cause__ or error}. The file is corrupt or not {builder} (a "
                 "`.jsonl` file holds one JSON object per line)."
@@ -161,6 +163,15 @@ def _load_local(path: Path, streaming: bool) -> DatasetDict | IterableDatasetDic
     if len(builders) > 1:
         raise ValueError(f"The dataset folder {str(path)!r} mixes json and parquet files; keep one format per folder.")
     return load_dataset(str(path), streaming=streaming)
+
+
+def _has_content(path: Path) -> bool:
+    """Whether a text data file holds anything but whitespace (`datasets` fails with StopIteration on an empty one)."""
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 16):
+            if chunk.strip():
+                return True
+    return False
 
 
 __all__ = [
