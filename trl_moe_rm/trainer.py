@@ -509,7 +509,8 @@ class MoERewardTrainer(RewardTrainer):
 
         if mode == "train":
             num_tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
-            self._total_train_tokens += num_tokens // getattr(self, "_tp_size", 1)  # older trl releases have no `_tp_size`
+            # `RewardTrainer._tp_size` (tensor-parallel degree) exists from trl 1.13 on; trl 1.0-1.12 count every token.
+            self._total_train_tokens += num_tokens // getattr(self, "_tp_size", 1)
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
         with torch.no_grad():
             self._log_metrics(
@@ -553,6 +554,9 @@ class MoERewardTrainer(RewardTrainer):
             [
                 torch.stack(
                     [
+                        # TRL's own logged `accuracy` (strict `>`: a tie is an error), kept so that the logs compare
+                        # with `RewardTrainer`'s; every other accuracy of the package is `trl_moe_rm.accuracy`'s
+                        # (a tie counts 0.5). With float rewards the two differ only on exact ties.
                         (rewards_chosen > rewards_rejected).float().mean(),
                         (rewards_chosen - rewards_rejected).float().mean(),
                     ]
