@@ -55,12 +55,11 @@ def _add_personalize(subparsers) -> None:
 
 
 def _load_model_and_tokenizer(path: str):
-    from transformers import AutoTokenizer
-
     from .checkpoints import load_moe_reward_model
+    from .processing import load_tokenizer
 
-    model = load_moe_reward_model(path).eval()
-    return model, AutoTokenizer.from_pretrained(path)
+    tokenizer = load_tokenizer(path)  # fails before the weights are read
+    return load_moe_reward_model(path).eval(), tokenizer
 
 
 def _read_pairs(path: str):

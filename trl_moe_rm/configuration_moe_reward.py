@@ -171,7 +171,13 @@ class MoERewardModelConfig(PretrainedConfig):
             if "model_type" not in backbone_config:
                 raise ValueError("`backbone_config` given as a dict must contain its `model_type` (e.g. 'llama').")
             backbone_config = dict(backbone_config)
-            backbone_config = CONFIG_MAPPING[backbone_config.pop("model_type")](**backbone_config)
+            model_type = backbone_config.pop("model_type")
+            if model_type not in CONFIG_MAPPING:
+                raise ValueError(
+                    f"The backbone's model_type {model_type!r} is unknown to this transformers version: upgrade "
+                    "transformers (`pip install -U transformers`) or use a backbone it supports."
+                )
+            backbone_config = CONFIG_MAPPING[model_type](**backbone_config)
         self.backbone_config = backbone_config
 
         check_head_fields(

@@ -23,11 +23,12 @@ from transformers import (
 from transformers.utils import logging
 from trl import RewardConfig, RewardTrainer
 
-from .analysis import PairScores, analysis_report, scores_from_features
 from .config import MoERewardConfig
-from .data.controlled import ATTRIBUTES, make_controlled_dataset, train_test_split_by_prompt
+from .data.controlled import ATTRIBUTE_MARKERS, ATTRIBUTES, make_controlled_dataset, train_test_split_by_prompt
 from .modeling_moe_reward import MoERewardModel
 from .plots import plot_expert_attribute_heatmap, plot_routing_entropy, plot_routing_heatmap
+from .report import analysis_report
+from .scoring import PairScores, scores_from_features
 from .trainer import MoERewardTrainer
 
 
@@ -297,6 +298,11 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
     steering shift), and write `report.json`, `report.md`, the PNGs and the saved sparse MoE.
     """
     config = config or DemoConfig()
+    if config.backbone is not None and not os.path.isdir(config.backbone):
+        raise FileNotFoundError(
+            f"--backbone {config.backbone!r} is not a folder: the demo runs offline, so pass the local folder of a "
+            "saved backbone (config.json and weights), or leave it out to use the packaged all-MiniLM-L6-v2."
+        )
     output_dir = _check_output_dir(config.output_dir)
     logging.set_verbosity_error()
     backbone = config.backbone or minilm_path()
@@ -316,18 +322,20 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
         if name == "single_head":
             scores, seconds = _train_single_head(config, output_dir, backbone, tokenizer, split)
             report = analysis_report(
-                scores, split["test"], metrics=["accuracy", "conflict_accuracy", "specialization"]
+                scores,
+                split["test"],
+                metrics=["accuracy", "conflict_accuracy", "specialization"],
+                attribute_names=ATTRIBUTES,
             )
             models[name] = _row(report, seconds, routed=False)
         else:
             trainer, seconds = _train_moe(name, config, output_dir, backbone, tokenizer, split)
             trainers[name] = trainer
             scores = scores_from_features(trainer.model, trainer.cached_features(trainer.eval_dataset))
-            models[name] = _row(analysis_report(scores, split["test"]), seconds, routed=True)
-            models[name]["_routing_matrix"] = analysis_report(scores, split["test"], metrics=["nmi"])["routing_matrix"]
-            models[name]["_correlation"] = analysis_report(scores, split["test"], metrics=["specialization"])[
-                "expert_attribute_correlation"
-            ]
+            report = analysis_report(scores, split["test"], attribute_names=ATTRIBUTES, markers=ATTRIBUTE_MARKERS)
+            models[name] = _row(report, seconds, routed=True)
+            models[name]["_routing_matrix"] = report["routing_matrix"]
+            models[name]["_correlation"] = report["expert_attribute_correlation"]
         progress.update()
 
     progress.set_postfix_str("writing the report")

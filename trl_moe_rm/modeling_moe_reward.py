@@ -8,6 +8,7 @@ This file only uses relative imports, torch and transformers, so that a saved mo
 """
 
 import importlib
+import math
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -536,6 +537,8 @@ class MoEUserRewardModel(MoERewardPreTrainedModel):
     def __init__(self, moe: MoERewardModel, weights: torch.Tensor, mode: str = "static", beta: float = 1.0):
         if mode not in ("static", "routed"):
             raise ValueError(f"`mode` must be 'static' or 'routed', got {mode!r}.")
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta < 0:
+            raise ValueError(f"`beta` (the routing exponent) must be a finite number >= 0, got {beta!r}.")
         super().__init__(moe.config)
         self.backbone = moe.backbone
         self.router = moe.router

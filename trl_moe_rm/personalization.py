@@ -12,11 +12,12 @@ from typing import Any
 import numpy as np
 import torch
 from datasets import Dataset
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
-from .analysis import PairScores, score_pairs
 from .fitting import FIT_METHODS, routed_weights
+from .processing import load_tokenizer
 from .profiles import ProfileStore, UnknownUserError, UserProfile, config_fingerprint
+from .scoring import PairScores, check_finite, score_pairs
 
 
 Pairs = Dataset | Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]]
@@ -27,11 +28,11 @@ def _as_dataset(pairs: Pairs, name: str = "pairs") -> Dataset:
     if isinstance(pairs, Dataset):
         dataset = pairs
     elif isinstance(pairs, Mapping):
-        dataset = Dataset.from_dict(dict(pairs))
+        dataset = _table(Dataset.from_dict, dict(pairs), name)
     elif isinstance(pairs, Sequence) and not isinstance(pairs, str):
         if len(pairs) == 0:
             raise ValueError(f"`{name}` is empty: fitting a user needs at least one labelled pair.")
-        dataset = Dataset.from_list([dict(pair) for pair in pairs])
+        dataset = _table(Dataset.from_list, [dict(pair) for pair in pairs], name)
     else:
         raise TypeError(
             f"`{name}` must be a datasets.Dataset, a list of dicts or a dict of lists with prompt/chosen/rejected, got "
@@ -48,13 +49,26 @@ def _as_dataset(pairs: Pairs, name: str = "pairs") -> Dataset:
     return dataset
 
 
+def _table(build: Any, data: Any, name: str) -> Dataset:
+    """A `Dataset` from Python rows, with a clear error when a column mixes value types (e.g. int and str ids)."""
+    import pyarrow as pa
+
+    try:
+        return build(data)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
+        raise ValueError(
+            f"`{name}` has a column whose values mix types ({error}). Use one type per column: e.g. all user ids "
+            "as strings (`str(user_id)`) or all as integers."
+        ) from None
+
+
 def _tokenizer_for(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase | None) -> PreTrainedTokenizerBase:
     if tokenizer is not None:
         return tokenizer
     name = getattr(model.config, "name_or_path", "")
     if not name:
         raise ValueError("Pass `tokenizer=`: the model does not record where its tokenizer lives (`name_or_path`).")
-    return AutoTokenizer.from_pretrained(name)
+    return load_tokenizer(name)
 
 
 def expert_pair_scores(
@@ -352,4 +366,5 @@ class UserRewards:
                 mixtures.append(routed_weights(routing_weights[row : row + 1].float().cpu(), weights, beta)[0])
             else:
                 mixtures.append(weights)
-        return (torch.stack(mixtures).to(expert_rewards) * expert_rewards).sum(dim=-1)
+        rewards = (torch.stack(mixtures).to(expert_rewards) * expert_rewards).sum(dim=-1)
+        return check_finite(rewards, "UserRewards", expert_rewards.dtype)

@@ -24,8 +24,10 @@ The rules:
 - **Padding** uses `trl.trainer.utils.pad`, on the right, with the tokenizer's pad token (eos when it has none).
 """
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -57,6 +59,25 @@ def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
         if token_id is not None:
             return int(token_id)
     raise ValueError("The tokenizer has neither a pad token nor an eos token; set `tokenizer.pad_token` first.")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model", "vocab.json")
+
+
+def load_tokenizer(name_or_path: str | os.PathLike) -> PreTrainedTokenizerBase:
+    """
+    `AutoTokenizer.from_pretrained(name_or_path)`, with one clear error when a local folder holds no tokenizer (where
+    transformers would suggest installing sentencepiece or tiktoken).
+    """
+    from transformers import AutoTokenizer
+
+    folder = Path(name_or_path)
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ValueError(
+            f"{str(folder)!r} holds no tokenizer (none of {list(TOKENIZER_FILES)}): save it next to the model with "
+            "`tokenizer.save_pretrained(folder)` (the trainer's `save_model` does), or pass the tokenizer explicitly."
+        )
+    return AutoTokenizer.from_pretrained(name_or_path)
 
 
 def _is_messages(value: Any) -> bool:
@@ -307,6 +328,7 @@ __all__ = [
     "check_row_shape",
     "common_prefix_length",
     "end_of_sequence_ids",
+    "load_tokenizer",
     "is_conversational",
     "pad_batch",
     "pad_token_id",

@@ -316,6 +316,11 @@ class MoERewardTrainer(RewardTrainer):
         args: MoERewardConfig,
         dataset_name: str,
     ) -> Dataset | IterableDataset:
+        if isinstance(dataset, Dataset) and len(dataset) == 0:
+            raise ValueError(
+                f"The {dataset_name} dataset is empty: it has no preference pairs to train or evaluate on. Check the "
+                "data files (or the filter that emptied them)."
+            )
         columns = list(next(iter(dataset)).keys()) if isinstance(dataset, IterableDataset) else dataset.column_names
         if "user_id" in columns and isinstance(dataset, Dataset):
             _check_user_ids(dataset)
