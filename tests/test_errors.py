@@ -29,10 +29,15 @@ from trl_moe_rm import (
     ProfileStore,
     UserProfile,
     fit_user_weights,
+    fit_users,
+    score,
+    score_pairs,
 )
+from trl_moe_rm.checkpoints import load_moe_reward_model
 from trl_moe_rm.cli import main
 from trl_moe_rm.profiles import ProfileStoreError, ProfileStoreNotWritableError, UnknownUserError
 from trl_moe_rm.rewards import PersonalizedReward
+from trl_moe_rm.scoring import NonFiniteRewardError
 
 
 PAIR = {"prompt": "what is the sun", "chosen": "good answer", "rejected": "bad answer"}
@@ -119,7 +124,7 @@ def test_trainer_missing_column(tmp_path, tokenizer):
 
 
 def test_trainer_wrong_types(tmp_path, tokenizer):
-    with pytest.raises(ValueError, match=r"`chosen` must be a string \(or a list of chat messages\), got int"):
+    with pytest.raises(ValueError, match=r"`chosen` must be a string or a list of chat messages .*got int"):
         make_trainer(tmp_path, tokenizer, Dataset.from_list([{**PAIR, "chosen": 3}]))
     with pytest.raises(ValueError, match=r"The `margin` column has type Value\('string'\); a margin is a number"):
         make_trainer(tmp_path, tokenizer, Dataset.from_list([{**PAIR, "margin": "big"}]))
@@ -309,7 +314,7 @@ def test_fit_user_weights_wrong_types(tokenizer):
     model = tiny_moe("llama", tokenizer)
     with pytest.raises(TypeError, match="`pairs` must be a datasets.Dataset, a list of dicts or a dict of lists"):
         fit_user_weights(model, 42, tokenizer=tokenizer)
-    with pytest.raises(ValueError, match=r"`chosen` must be a string \(or a list of chat messages\), got int"):
+    with pytest.raises(ValueError, match=r"`chosen` must be a string or a list of chat messages .*got int"):
         fit_user_weights(model, [{**PAIR, "chosen": 5}], tokenizer=tokenizer)
     with pytest.raises(ValueError, match=r"`method` must be one of \['gradient', 'hedge', 'hyre'\], got 'magic'"):
         fit_user_weights(model, [PAIR], tokenizer=tokenizer, method="magic")
@@ -472,14 +477,15 @@ def test_personalized_reward_wrong_types(reward, tokenizer):
         PersonalizedReward(42, {}, tokenizer=tokenizer)
     with pytest.raises(TypeError, match="`profiles` must be a ProfileStore or a dict"):
         PersonalizedReward(tiny_moe("llama", tokenizer), 42, tokenizer=tokenizer)
-    with pytest.raises(ValueError, match="`batch_size` must be a positive int, got 0"):
+    with pytest.raises(ValueError, match=r"`batch_size` must be a positive int \(>= 1\), got 0"):
         PersonalizedReward(tiny_moe("llama", tokenizer), {}, tokenizer=tokenizer, batch_size=0)
     with pytest.raises(ValueError, match="Got 2 prompts, 1 completions and 1 user ids"):
         reward.score(["a", "b"], ["c"], ["alice"])
-    # Documented fallback: a non-text prompt or completion is scored as its `str()`.
-    assert reward(prompts=[5], completions=[6], user_id=["alice"]) == reward(
-        prompts=["5"], completions=["6"], user_id=["alice"]
-    )
+    # A non-text prompt or completion is refused (it was silently scored as its `str()` before).
+    with pytest.raises(ValueError, match="`prompt` must be a string or a list of chat messages"):
+        reward(prompts=[5], completions=["6"], user_id=["alice"])
+    with pytest.raises(ValueError, match="mixes plain text"):
+        reward(prompts=["a"], completions=[[{"role": "assistant", "content": "b"}]], user_id=["alice"])
 
 
 def test_personalized_reward_empty_strings(reward):
@@ -542,8 +548,9 @@ def test_personalized_reward_mismatched_tokenizer(tokenizer):
 
 def test_cli_missing_column(model_dirs, tmp_path, capsys):
     rows = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "what"}])
-    with pytest.raises(SystemExit, match=r"in.jsonl:1: missing string field\(s\) \['response'\]"):
-        main(["score", "--model", str(model_dirs["llama"]), "--input", rows, "--output", str(tmp_path / "out.jsonl")])
+    assert "The rows have no response column" in cli_error(
+        capsys, ["score", "--model", str(model_dirs["llama"]), "--input", rows, "--output", str(tmp_path / "out.jsonl")]
+    )
     pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "what", "chosen": "good"}])
     error = cli_error(capsys, ["personalize", "--model", str(model_dirs["llama"]), "--pairs", pairs, "--user_id", "u"])
     assert "it has no 'rejected' column" in error
@@ -553,14 +560,15 @@ def test_cli_missing_column(model_dirs, tmp_path, capsys):
 def test_cli_wrong_types(model_dirs, tmp_path, capsys):
     rows = write_jsonl(tmp_path / "in.jsonl", [{"prompt": 5, "response": "good"}])
     out = str(tmp_path / "out.jsonl")
-    with pytest.raises(SystemExit, match=r"in.jsonl:1: missing string field\(s\) \['prompt'\]"):
-        main(["score", "--model", str(model_dirs["llama"]), "--input", rows, "--output", out])
-    assert "invalid int value: 'abc'" in cli_error(
+    assert "`prompt` must be a string or a list of chat messages" in cli_error(
+        capsys, ["score", "--model", str(model_dirs["llama"]), "--input", rows, "--output", out]
+    )
+    assert "'abc' is not an integer" in cli_error(
         capsys, ["score", "--model", str(model_dirs["llama"]), "--input", rows, "--output", out, "--batch_size", "abc"]
     )
     pairs = write_jsonl(tmp_path / "pairs.jsonl", [{**PAIR, "chosen": 5}])
     error = cli_error(capsys, ["personalize", "--model", str(model_dirs["llama"]), "--pairs", pairs, "--user_id", "u"])
-    assert "`chosen` must be a string (or a list of chat messages), got int" in error
+    assert "`chosen` must be a string or a list of chat messages" in error and "got int" in error
 
 
 def test_cli_empty_strings(model_dirs, tmp_path, capsys):
@@ -613,8 +621,9 @@ def test_cli_corrupt_file(model_dirs, tmp_path, capsys):
     out.write_text("previous output\n")
     rows = tmp_path / "in.jsonl"
     rows.write_text('{"prompt": "what", "response": "good"}\n{"prompt": \n')
-    with pytest.raises(SystemExit, match=r"in.jsonl:2: not valid JSON"):
-        main(["score", "--model", llama, "--input", str(rows), "--output", str(out)])
+    assert "in.jsonl:2: not valid JSON" in cli_error(
+        capsys, ["score", "--model", llama, "--input", str(rows), "--output", str(out)]
+    )
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text('{"prompt": "a", "chosen"\n')
     assert "Cannot read" in cli_error(
@@ -651,7 +660,7 @@ def test_cli_read_only_output(model_dirs, tmp_path, capsys):
     )
     assert "cannot create profile store directory" in error
     rows = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "what", "response": "good"}])
-    assert "Not a directory" in cli_error(
+    assert "is a file, not a folder" in cli_error(
         capsys, ["score", "--model", llama, "--input", rows, "--output", str(blocker / "out.jsonl")]
     )
     assert blocker.read_text() == "keep me"
@@ -676,3 +685,89 @@ def test_bert_config_fixture_is_short():
     # The "too long" rows rely on the tiny BERT's 128 positions and on LONG_PROMPT exceeding them.
     assert tiny_bert_config(10).max_position_embeddings == 128
     assert len(tiny_tokenizer(bert_style=True)(LONG_PROMPT)["input_ids"]) > 128
+
+
+# ======================================================================================================================
+# Non-finite rewards, unvalidated numbers, and the other cases of issue 13
+# ======================================================================================================================
+
+
+def overflowing_fp16_model(tokenizer) -> MoERewardModel:
+    """A float16 model whose expert rewards overflow float16's range (|x| <= 65504)."""
+    model = tiny_moe("llama", tokenizer)
+    with torch.no_grad():
+        for parameter in model.experts.parameters():
+            parameter.fill_(3e4)
+    return model.half()
+
+
+def test_nonfinite_rewards_raise_with_the_rows_and_the_cause(tokenizer):
+    model = overflowing_fp16_model(tokenizer)
+    reward = PersonalizedReward(model, {}, tokenizer=tokenizer)
+    with pytest.raises(NonFiniteRewardError, match=r"row\(s\) 0, 1: the model runs in float16.*bfloat16 or float32"):
+        reward(prompts=["what is the sun", "why"], completions=["good", "bad"], user_id=[None, None])
+    with pytest.raises(NonFiniteRewardError, match="float16"):
+        score(model, tokenizer, ["what"], ["good"])
+    with pytest.raises(NonFiniteRewardError):
+        score_pairs(model, tokenizer, Dataset.from_list([PAIR]))
+    # The documented opt-in: a fixed replacement value, also under normalization (no NaN from inf - inf).
+    replaced = PersonalizedReward(model, {}, tokenizer=tokenizer, nonfinite_value=0.0, normalize=True)
+    values = replaced(prompts=["what", "why"], completions=["good", "bad"], user_id=[None, None])
+    assert all(torch.isfinite(torch.tensor(values)))
+
+
+def test_cli_score_refuses_nonfinite_rewards(tmp_path, tokenizer, capsys):
+    folder = tmp_path / "fp16"
+    overflowing_fp16_model(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    rows = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "what", "completion": "good"}])
+    error = cli_error(capsys, ["score", "--model", str(folder), "--input", rows, "--output", str(tmp_path / "o.jsonl")])
+    assert "NaN or infinite" in error and not (tmp_path / "o.jsonl").exists()
+
+
+def test_numbers_are_validated_at_the_boundary(tmp_path, tokenizer):
+    model = tiny_moe("llama", tokenizer)
+    with pytest.raises(ValueError, match="`beta` .* must be a finite number >= 0, got -5.0"):
+        model.for_user(UserProfile(user_id="u", expert_weights=[0.25] * 4), mode="routed", beta=-5.0)
+    with pytest.raises(ValueError, match="`beta`"):
+        model.for_user([0.25] * 4, beta=float("nan"))
+    config = model.config.to_dict()
+    config["router_temperature"] = float("nan")
+    with pytest.raises(ValueError, match="`router_temperature` must be a finite number > 0, got nan"):
+        MoERewardModelConfig(**{k: v for k, v in config.items() if k != "model_type"})
+    with pytest.raises(ValueError, match="`max_length` must be an int >= 2"):
+        PersonalizedReward(model, {}, tokenizer=tokenizer, max_length=0)
+    with pytest.raises(ValueError, match="`batch_size` must be a positive int"):
+        score(model, tokenizer, ["a"], ["b"], batch_size=-1)
+
+
+def test_unknown_backbone_model_type_and_missing_tokenizer(tmp_path, tokenizer):
+    with pytest.raises(ValueError, match="model_type 'no_such_arch' is unknown to this transformers version"):
+        MoERewardModelConfig(backbone_config={"model_type": "no_such_arch"})
+    folder = tmp_path / "no_tokenizer"
+    tiny_moe("llama", tokenizer).save_pretrained(folder)
+    with pytest.raises(ValueError, match="holds no tokenizer"):
+        PersonalizedReward(load_moe_reward_model(folder), {})
+
+
+def test_empty_inputs_give_clear_errors(tmp_path, tokenizer, capsys):
+    with pytest.raises(ValueError, match="The train dataset is empty"):
+        make_trainer(tmp_path, tokenizer, Dataset.from_dict({"prompt": [], "chosen": [], "rejected": []}))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    model_dir = tmp_path / "model"
+    tiny_moe("llama", tokenizer).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    error = cli_error(capsys, ["personalize", "--model", str(model_dir), "--pairs", str(empty), "--user_id", "u"])
+    assert "is empty" in error
+    error = cli_error(capsys, ["analyze", "--model", str(model_dir), "--dataset", str(empty), "--output_dir",
+                               str(tmp_path / "a")])
+    assert "is empty" in error
+    with pytest.raises(ValueError, match="mix types"):
+        fit_users(tiny_moe("llama", tokenizer), [{**PAIR, "user_id": 1}, {**PAIR, "user_id": "x"}], tokenizer=tokenizer)
+
+
+def test_demo_checks_its_backbone_before_writing(tmp_path, capsys):
+    output = tmp_path / "demo"
+    error = cli_error(capsys, ["demo", "--backbone", "no-such/backbone", "--output_dir", str(output), "--quick"])
+    assert "is not a folder" in error and not output.exists()

@@ -138,6 +138,8 @@ def _check_output_file(path: str, flag: str) -> None:
     if target.is_dir():
         raise IsADirectoryError(f"{flag} {path!r} is a directory; pass a file path, e.g. {path.rstrip('/')}/out.jsonl.")
     parent = target.parent if str(target.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise NotADirectoryError(f"{flag} {path!r}: {str(parent)!r} is a file, not a folder; pass a path in a folder.")
     if not parent.is_dir():
         raise FileNotFoundError(f"{flag} {path!r}: the folder {str(parent)!r} does not exist; create it first.")
     if not os.access(parent, os.W_OK):

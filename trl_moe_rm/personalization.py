@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 from .fitting import FIT_METHODS, routed_weights
 from .processing import load_tokenizer
 from .profiles import ProfileStore, UnknownUserError, UserProfile, config_fingerprint
-from .scoring import PairScores, check_finite, score_pairs
+from .scoring import PairScores, check_finite, model_dtype, score_pairs
 
 
 Pairs = Dataset | Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]]
@@ -355,8 +355,17 @@ class UserRewards:
         self._weights[user_id] = entry
         return entry
 
-    def combine(self, expert_rewards: torch.Tensor, routing_weights: torch.Tensor, user_ids: Sequence[Any]):
-        """Per-row user rewards from the model's expert rewards `(N, K)` and routing `(N, K)`."""
+    def combine(
+        self,
+        expert_rewards: torch.Tensor,
+        routing_weights: torch.Tensor,
+        user_ids: Sequence[Any],
+        nonfinite_value: float | None = None,
+    ) -> torch.Tensor:
+        """
+        Per-row user rewards from the model's expert rewards `(N, K)` and routing `(N, K)`. A NaN or infinite reward
+        raises [`~trl_moe_rm.scoring.NonFiniteRewardError`], unless `nonfinite_value` replaces it.
+        """
         mixtures = []
         for row, user_id in enumerate(user_ids):
             weights, mode, beta = self.weights_for(user_id)
@@ -367,4 +376,4 @@ class UserRewards:
             else:
                 mixtures.append(weights)
         rewards = (torch.stack(mixtures).to(expert_rewards) * expert_rewards).sum(dim=-1)
-        return check_finite(rewards, "UserRewards", expert_rewards.dtype)
+        return check_finite(rewards, "UserRewards", model_dtype(self.model), nonfinite_value)

@@ -34,7 +34,7 @@ from .modeling_moe_reward import MoEUserRewardModel
 from .personalization import UserRewards, _tokenizer_for
 from .processing import RowEncoder
 from .profiles import ProfileStore, UserProfile
-from .scoring import _dtype, check_finite, check_positive_int, run_model
+from .scoring import check_positive_int, run_model
 
 
 logger = logging.get_logger(__name__)
@@ -343,8 +343,10 @@ class PersonalizedReward:
             self.batch_size,
             device,
         )
-        rewards = self.user_rewards.combine(outputs["expert_rewards"], outputs["routing_weights"], list(user_ids))
-        return check_finite(rewards.float(), "PersonalizedReward", _dtype(self.model), self.nonfinite_value)
+        rewards = self.user_rewards.combine(
+            outputs["expert_rewards"], outputs["routing_weights"], list(user_ids), self.nonfinite_value
+        )
+        return rewards.float()
 
     def __call__(
         self,

@@ -31,6 +31,7 @@ __all__ = [
     "PairScores",
     "check_finite",
     "model_device",
+    "model_dtype",
     "run_model",
     "score",
     "score_pairs",
@@ -237,10 +238,11 @@ def score(
     outputs = run_model(
         scorer, [ids for ids, _ in encoded], [length for _, length in encoded], encoder.pad_token_id, batch_size, device
     )
-    return check_finite(outputs["logits"], "score", _dtype(model), nonfinite_value)
+    return check_finite(outputs["logits"], "score", model_dtype(model), nonfinite_value)
 
 
-def _dtype(model: torch.nn.Module) -> torch.dtype | None:
+def model_dtype(model: torch.nn.Module) -> torch.dtype | None:
+    """The dtype of a model's first parameter (`None` for a model without parameters)."""
     try:
         return next(model.parameters()).dtype
     except StopIteration:
@@ -459,7 +461,7 @@ def score_pairs(
         device,
         paired=True,
     )
-    check_finite(outputs["logits"], "score_pairs", _dtype(model))
+    check_finite(outputs["logits"], "score_pairs", model_dtype(model))
     return _pair_scores(outputs, count, float(_config(model).router_temperature))
 
 
@@ -487,7 +489,7 @@ def scores_from_features(model: torch.nn.Module, features: Mapping[str, torch.Te
         model.train(was_training)
     outputs = {key: getattr(output, key).detach().float().cpu() for key in OUTPUT_KEYS}
     outputs["logits"] = outputs["logits"][:, 0]
-    check_finite(outputs["logits"], "scores_from_features", _dtype(model))
+    check_finite(outputs["logits"], "scores_from_features", model_dtype(model))
     return _pair_scores(outputs, features["chosen_features"].shape[0], float(_config(model).router_temperature))
 
 
