@@ -31,9 +31,8 @@ from pathlib import Path
 
 from datasets import Dataset, DatasetDict
 
-from trl_moe_rm.data.controlled import train_test_split_by_prompt
-
 from benchmarks.real_datasets import real_data_file
+from trl_moe_rm.data.controlled import train_test_split_by_prompt
 
 
 __all__ = ["DSP_DOMAINS", "DSP_FILE", "dsp_path", "load_dsp_pairs", "load_dsp_rows", "split_dsp_by_query"]

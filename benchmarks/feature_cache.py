@@ -20,7 +20,7 @@ pairs with [`~trl_moe_rm.analysis.score_pairs`] (not the cached features), at th
 why the two paths only agree when dropout is off, which is TRL's default.
 
 ```bash
-python benchmarks/feature_cache.py --num_pairs_per_category 100 --num_train_epochs 6 --repeats 3 \
+python -m benchmarks.feature_cache --num_pairs_per_category 100 --num_train_epochs 6 --repeats 3 \
     --output benchmarks/results/feature_cache.json
 ```
 """

@@ -32,8 +32,8 @@ checkpoint (e.g. `Qwen/Qwen2.5-0.5B`; the classifier of the `trl` run is
 `AutoModelForSequenceClassification.from_pretrained(backbone, num_labels=1)`, whose backbone weights are the same).
 
 ```bash
-python benchmarks/overhead.py --repeats 5 --output benchmarks/results/overhead.json          # trl vs moe (K=8)
-python benchmarks/overhead.py --scaling 4 8 16 32 --repeats 3 --output benchmarks/results/scaling.json
+python -m benchmarks.overhead --repeats 5 --output benchmarks/results/overhead.json          # trl vs moe (K=8)
+python -m benchmarks.overhead --scaling 4 8 16 32 --repeats 3 --output benchmarks/results/scaling.json
 ```
 """
 

@@ -22,8 +22,8 @@ rewards) counts as half a correct pair.
 Usage:
 
 ```bash
-python benchmarks/personalization.py --datasets controlled dsp --output_dir /tmp/personalization_bench
-python benchmarks/personalization.py --speed_only
+python -m benchmarks.personalization --datasets controlled dsp --output_dir /tmp/personalization_bench
+python -m benchmarks.personalization --speed_only
 ```
 """
 
@@ -34,7 +34,6 @@ import hashlib
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -48,14 +47,10 @@ from datasets import Dataset
 from safetensors.torch import load_file, save_file
 from trl.trainer.utils import pad
 
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # run as a script from a checkout
-    sys.path.insert(0, str(REPO_ROOT))
-
-from trl_moe_rm.analysis import PairScores, scores_from_features  # noqa: E402
-from trl_moe_rm.baselines import DecomposedRewardHeads, cross_validated_l2, fit_bradley_terry_head  # noqa: E402
-from trl_moe_rm.stats import mean_ci  # noqa: E402
+from benchmarks.baselines import DecomposedRewardHeads, cross_validated_l2, fit_bradley_terry_head
+from benchmarks.stats import mean_ci
+from trl_moe_rm.accuracy import pairwise_outcomes
+from trl_moe_rm.scoring import PairScores, scores_from_features
 
 
 DEFAULT_KS = (1, 2, 4, 8, 16, 32)
@@ -226,11 +221,12 @@ def load_backbone(backbone: str | None = None):
 
 def build_dsp(model, tokenizer, data_dir: str | None, cache_dir: Path, test_size: float = 0.2, seed: int = 0):
     """DSP, one user per domain, split by query. Returns `None` (with a message) when the data is missing."""
-    from trl_moe_rm.data.dsp import DSP_DOMAINS, DSPNotFoundError, load_dsp_pairs, split_dsp_by_query
+    from benchmarks.dsp import DSP_DOMAINS, load_dsp_pairs, split_dsp_by_query
+    from benchmarks.real_datasets import RealDataMissingError
 
     try:
         pairs = load_dsp_pairs(data_dir)
-    except DSPNotFoundError as error:
+    except RealDataMissingError as error:
         print(f"[dsp] skipped: {error}", flush=True)
         return None
     split = split_dsp_by_query(pairs, test_size=test_size, seed=seed)
@@ -293,9 +289,12 @@ def build_controlled(
 
 
 def correct(margins) -> np.ndarray:
-    """Per-pair score of reward margins: 1 if positive, 0 if negative, 0.5 for a tie (a coin flip)."""
-    margins = np.asarray(margins)
-    return (margins > 0) + 0.5 * (margins == 0)
+    """
+    Per-pair outcome of reward margins, in their shape: 1 if positive, 0 if negative, 0.5 for a tie (a coin flip), as
+    [`~trl_moe_rm.accuracy.pairwise_outcomes`] scores them.
+    """
+    margins = np.asarray(margins, dtype=np.float64)
+    return pairwise_outcomes(margins.ravel(), np.zeros(margins.size)).reshape(margins.shape)
 
 
 # `fit(users, shot_rows) -> weights`: `users` (B,) user indices, `shot_rows` (B, k) indices into each user's training

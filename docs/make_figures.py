@@ -19,9 +19,10 @@ from transformers import AutoTokenizer, set_seed
 from transformers.utils import logging
 
 from trl_moe_rm import MoERewardConfig, MoERewardModel, MoERewardTrainer
-from trl_moe_rm.analysis import analysis_report, score_pairs
 from trl_moe_rm.data import ATTRIBUTES, make_controlled_dataset, train_test_split_by_prompt
 from trl_moe_rm.plots import plot_expert_attribute_heatmap, plot_routing_heatmap
+from trl_moe_rm.report import analysis_report
+from trl_moe_rm.scoring import score_pairs
 
 
 DOCS = Path(__file__).resolve().parent
@@ -56,7 +57,8 @@ def main() -> int:
         trainer = MoERewardTrainer(model=model, args=args, train_dataset=split["train"], processing_class=tokenizer)
         trainer.train()
     scores = score_pairs(model, tokenizer, split["test"], batch_size=64)
-    report = analysis_report(scores, split["test"], metrics=["accuracy", "nmi", "purity", "specialization"])
+    metrics = ["accuracy", "nmi", "purity", "specialization"]
+    report = analysis_report(scores, split["test"], metrics=metrics, attribute_names=ATTRIBUTES)
     matrix = report["routing_matrix"]
     plot_routing_heatmap(
         np.array(matrix["matrix"]),

@@ -43,7 +43,7 @@ from trl_moe_rm.analysis import (
     steer,
     steering_shift,
 )
-from trl_moe_rm.data import ATTRIBUTES, CATEGORIES, make_controlled_dataset
+from trl_moe_rm.data import ATTRIBUTE_MARKERS, ATTRIBUTES, CATEGORIES, make_controlled_dataset
 from trl_moe_rm.plots import (
     plot_expert_attribute_heatmap,
     plot_routing_entropy,
@@ -107,7 +107,7 @@ def test_pair_scores_properties_and_validation():
     )
     np.testing.assert_allclose(scores.expert_deltas, [[1, -1], [-1, 2], [0, 0]])
     np.testing.assert_allclose(scores.reward_deltas, [1.0, 1.25, 0.0])
-    assert scores.accuracy == pytest.approx(2 / 3)  # the tie counts as an error
+    assert scores.accuracy == pytest.approx(2.5 / 3)  # the tie counts one half
     np.testing.assert_array_equal(scores.top1_experts, [0, 1, 0])
     np.testing.assert_allclose(scores.router_probs, scores.routing_weights)
     subset = scores.select([2, 0])
@@ -252,7 +252,7 @@ def test_descriptions_name_the_planted_markers(controlled):
         calls.append(description.expert)
         return f"LLM: expert {description.expert} / {description.summary}"
 
-    descriptions = describe_experts(scores, controlled, describe_fn=describe_fn)
+    descriptions = describe_experts(scores, controlled, describe_fn=describe_fn, attribute_names=ATTRIBUTES)
     assert [d.expert for d in descriptions] == [0, 1, 2, 3] and calls == [0, 1, 2, 3]
 
     formal = descriptions[0]
@@ -283,18 +283,21 @@ def test_descriptions_name_the_planted_markers(controlled):
     _, matching = specialization_score(corr)
     assert sorted((k, a) for k, a, _ in matching) == [(0, 1), (1, 0), (2, 2)]
     assert dict(((k, a), np.sign(rho)) for k, a, rho in matching)[(2, 2)] == -1
-    assert description_accuracy(descriptions, matching) == 1.0
+    assert description_accuracy(descriptions, matching, ATTRIBUTE_MARKERS, ATTRIBUTES) == 1.0
     # A wrong matching (or a wrong direction) is not rewarded.
-    assert description_accuracy(descriptions, [(0, 2, 0.9), (2, 1, 0.9), (1, 0, 0.9)]) == pytest.approx(1 / 3)
-    assert description_accuracy(descriptions, [(0, "formality", -0.7)]) == 0.0
+    wrong = [(0, 2, 0.9), (2, 1, 0.9), (1, 0, 0.9)]
+    assert description_accuracy(descriptions, wrong, ATTRIBUTE_MARKERS, ATTRIBUTES) == pytest.approx(1 / 3)
+    assert description_accuracy(descriptions, [(0, "formality", -0.7)], ATTRIBUTE_MARKERS, ATTRIBUTES) == 0.0
+    # Without names, the `rho/<name>` features are numbered.
+    assert "rho/attribute_1" in describe_experts(scores, controlled)[0].features
 
 
 def test_description_accuracy_counts_the_length_feature_sign():
     description = ExpertDescription(expert=0, top_words=[("cat", 3.0)], features={"length_words": -12.0}, examples=[])
-    assert description_accuracy([description], [(0, "length", -0.8)]) == 1.0
-    assert description_accuracy([description], [(0, "length", 0.8)]) == 0.0
+    assert description_accuracy([description], [(0, "length", -0.8)], ATTRIBUTE_MARKERS, ATTRIBUTES) == 1.0
+    assert description_accuracy([description], [(0, "length", 0.8)], ATTRIBUTE_MARKERS, ATTRIBUTES) == 0.0
     with pytest.raises(ValueError, match="No description for expert 1"):
-        description_accuracy([description], [(1, "length", 0.8)])
+        description_accuracy([description], [(1, "length", 0.8)], ATTRIBUTE_MARKERS, ATTRIBUTES)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -400,7 +403,7 @@ def test_analysis_report_on_planted_structure(controlled):
     attribute_expert = {"formality": 0, "length": 1, "technicality": 2}
     experts = [attribute_expert[attribute] for attribute in controlled["attribute"]]
     scores = _planted_scores(controlled, routing=_one_hot(experts, 4))
-    report = analysis_report(scores, controlled)
+    report = analysis_report(scores, controlled, attribute_names=ATTRIBUTES, markers=ATTRIBUTE_MARKERS)
     json.dumps(report)  # serializable
     # Three equal experts, each holding two equal categories: NMI = 2 log 3 / (log 3 + log 6).
     assert report["nmi"] == pytest.approx(2 * np.log(3) / (np.log(3) + np.log(6)))
@@ -415,8 +418,25 @@ def test_analysis_report_on_planted_structure(controlled):
     assert {entry["attribute"]: entry["expert"] for entry in report["steering"]} == attribute_expert
     assert report["routing_matrix"]["categories"] == sorted(CATEGORIES)
     assert set(report["descriptions"]) == {"0", "1", "2", "3"}
-    only = analysis_report(scores, controlled, metrics=["accuracy", "specialization"])
+    only = analysis_report(scores, controlled, metrics=["accuracy", "specialization"], attribute_names=ATTRIBUTES)
     assert "nmi" not in only and "description_accuracy" not in only and "specialization" in only
+
+
+def test_attribute_metrics_need_the_attribute_names(controlled):
+    """The analysis does not know the controlled data: without names (and markers) it skips or refuses those metrics."""
+    scores = _planted_scores(controlled)
+    default = analysis_report(scores, controlled)
+    assert "nmi" in default and "conflict_accuracy" in default
+    assert not {"specialization", "steering", "description_accuracy", "descriptions"} & set(default)
+    without_markers = analysis_report(scores, controlled, attribute_names=ATTRIBUTES)
+    assert "specialization" in without_markers and "steering" in without_markers
+    assert "description_accuracy" not in without_markers
+    with pytest.raises(ValueError, match="need `attribute_names`"):
+        analysis_report(scores, controlled, metrics=["steering"])
+    with pytest.raises(ValueError, match="needs `markers`"):
+        analysis_report(scores, controlled, metrics=["description_accuracy"], attribute_names=ATTRIBUTES)
+    with pytest.raises(ValueError, match="3 entries but there are 2 attribute names"):
+        analysis_report(scores, controlled, metrics=["specialization"], attribute_names=["a", "b"])
 
 
 def test_missing_columns_are_named():
@@ -426,7 +446,7 @@ def test_missing_columns_are_named():
     with pytest.raises(ValueError, match=r"routing_nmi needs a `category` column; the dataset has \['prompt'"):
         analysis_report(scores, dataset)
     with pytest.raises(ValueError, match="`chosen_attributes`"):
-        analysis_report(scores, dataset, metrics=["specialization"])
+        analysis_report(scores, dataset, metrics=["specialization"], attribute_names=ATTRIBUTES)
     with pytest.raises(ValueError, match="`conflict`"):
         analysis_report(scores, dataset, metrics=["conflict_accuracy"])
     with pytest.raises(ValueError, match="`category`"):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from trl_moe_rm.baselines import (
+from benchmarks.baselines import (
     DecomposedRewardHeads,
     bradley_terry_accuracy,
     cross_validated_l2,
@@ -109,19 +109,6 @@ def test_bradley_terry_head_learns_a_planted_direction():
         fit_bradley_terry_head(torch.zeros(0, HIDDEN), torch.zeros(0, HIDDEN))
 
 
-def _load_benchmark():
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "personalization.py"
-    spec = importlib.util.spec_from_file_location("personalization_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
 def _marker_features(texts):
     """Cheap stand-in for a backbone: counts of each attribute value's marker words, and the number of sentences."""
     from trl_moe_rm.data.controlled import ATTRIBUTE_MARKERS, count_sentences, tokenize_words
@@ -141,10 +128,10 @@ def _marker_features(texts):
 def test_benchmark_kshot_core_adapts_controlled_users():
     from tiny import tiny_moe
 
+    import benchmarks.personalization as bench
     from trl_moe_rm.analysis import PairScores
     from trl_moe_rm.data.controlled import make_user_pairs, make_users
 
-    bench = _load_benchmark()
     users = make_users(6, alpha=0.3, seed=0)
     sets = {}
     for name, size, offset in (("train", 40, 0), ("test", 40, 100)):

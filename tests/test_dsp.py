@@ -5,22 +5,14 @@ from collections import Counter
 
 import pytest
 
-from trl_moe_rm.data.dsp import (
-    DATA_ENV_VAR,
-    DSP_DOMAINS,
-    DSPNotFoundError,
-    data_dir,
-    dsp_path,
-    load_dsp_pairs,
-    load_dsp_rows,
-    split_dsp_by_query,
-)
+from benchmarks.dsp import DSP_DOMAINS, dsp_path, load_dsp_pairs, load_dsp_rows, split_dsp_by_query
+from benchmarks.real_datasets import DATA_DIR_ENV, RealDataMissingError, resolve_data_dir
 
 
 def _real_dsp():
     try:
         return dsp_path()
-    except DSPNotFoundError as error:
+    except RealDataMissingError as error:
         pytest.skip(f"DSP data not available: {error}")
 
 
@@ -56,10 +48,12 @@ def test_normal_pairs_are_opt_in_and_skip_empty_responses(tmp_path):
 
 
 def test_missing_file_raises_a_clear_error(tmp_path, monkeypatch):
-    with pytest.raises(DSPNotFoundError, match="TRL_MOE_RM_DATA"):
+    with pytest.raises(RealDataMissingError, match="TRL_MOE_RM_DATA"):
         load_dsp_pairs(tmp_path / "nowhere")
-    monkeypatch.setenv(DATA_ENV_VAR, str(tmp_path))
-    assert data_dir() == tmp_path
+    with pytest.raises(RealDataMissingError, match="missing.json"):
+        load_dsp_rows(tmp_path / "missing.json")
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path))
+    assert resolve_data_dir() == tmp_path
     with pytest.raises(FileNotFoundError):
         dsp_path()
     (tmp_path / "bad.json").write_text("{}")

@@ -739,6 +739,13 @@ def test_numbers_are_validated_at_the_boundary(tmp_path, tokenizer):
         PersonalizedReward(model, {}, tokenizer=tokenizer, max_length=0)
     with pytest.raises(ValueError, match="`batch_size` must be a positive int"):
         score(model, tokenizer, ["a"], ["b"], batch_size=-1)
+    # TRL's configs default to bf16; without bf16 support (this CPU machine) the config falls back to float32.
+    from transformers.utils import is_torch_bf16_gpu_available
+
+    from trl_moe_rm import MoERewardConfig
+
+    if not is_torch_bf16_gpu_available():
+        assert MoERewardConfig(output_dir=str(tmp_path / "out")).bf16 is False
 
 
 def test_unknown_backbone_model_type_and_missing_tokenizer(tmp_path, tokenizer):

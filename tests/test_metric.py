@@ -10,13 +10,13 @@ import pytest
 import torch
 from transformers import EvalPrediction
 
+from trl_moe_rm.accuracy import bootstrap_ci, pairwise_outcomes
 from trl_moe_rm.metrics import (
     PAIRWISE_ACCURACY_PATH,
     load_pairwise_accuracy,
     pair_rewards_for_metrics,
     reward_compute_metrics,
 )
-from trl_moe_rm.stats import bootstrap_ci
 
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_EVALUATE_OFFLINE": "1"}
@@ -50,20 +50,21 @@ def metric():
 # ------------------------------------------------------------------------------------------------------------ loading
 
 
-def test_metric_directory_is_self_contained():
+def test_metric_script_uses_absolute_imports_of_the_package():
     directory = Path(PAIRWISE_ACCURACY_PATH)
     assert (directory / "pairwise_accuracy.py").is_file()
     assert (directory / "README.md").is_file()
-    # evaluate copies the script alone into its module cache: only third-party imports can work there.
+    # evaluate copies the script alone into its module cache: only absolute imports of installed packages work there,
+    # and the outcome rule and the bootstrap come from the one pairwise accuracy, `trl_moe_rm.accuracy`.
     tree = ast.parse((directory / "pairwise_accuracy.py").read_text())
     imported = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            imported.update(alias.name.split(".")[0] for alias in node.names)
+            imported.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             assert node.level == 0, "relative import in the metric script"
-            imported.add(node.module.split(".")[0])
-    assert imported <= {"__future__", "datasets", "evaluate", "numpy"}
+            imported.add(node.module)
+    assert imported == {"__future__", "datasets", "evaluate", "numpy", "trl_moe_rm.accuracy"}
 
 
 def test_load_offline(tmp_path, monkeypatch):
@@ -150,9 +151,8 @@ def test_bootstrap_keys_and_bounds(metric):
         assert summary["accuracy_ci_low"] <= summary["accuracy"] <= summary["accuracy_ci_high"]
     assert sum(summary["count"] for summary in result["per_group"].values()) == 200
 
-    # The metric's bootstrap is the same as `trl_moe_rm.stats.bootstrap_ci` on the per-pair outcomes.
-    outcomes = np.where(chosen > rejected, 1.0, np.where(chosen == rejected, 0.5, 0.0))
-    expected = bootstrap_ci(outcomes, num_resamples=300, confidence=0.9, seed=3)
+    # The metric's bootstrap is `trl_moe_rm.accuracy.bootstrap_ci` on the per-pair outcomes.
+    expected = bootstrap_ci(pairwise_outcomes(chosen, rejected), num_resamples=300, confidence=0.9, seed=3)
     result = metric.compute(
         chosen_scores=chosen, rejected_scores=rejected, bootstrap=True, num_resamples=300, confidence=0.9, seed=3
     )

@@ -12,16 +12,14 @@
 # See the License for the specific language governing permissions and
 # limitations under the License.
 """
-Tests of the real-data loaders (`trl_moe_rm.data.real`, the DSP loading of `benchmarks/real_data.py`) and of the
+Tests of the real-data loaders (`benchmarks.real_datasets`, the DSP split of `benchmarks.real_data`) and of the
 benchmark's helpers.
 
 The real files are never part of the repository: tests that read them skip with a message when they are missing (set
 `TRL_MOE_RM_DATA` to their directory). Tests of the mapping and of the helpers run everywhere.
 """
 
-import importlib.util
 import json
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -29,32 +27,19 @@ import numpy as np
 import pytest
 from datasets import Dataset
 
-from trl_moe_rm.data.real import (
+import benchmarks.real_data as bench
+from benchmarks.dsp import DSP_DOMAINS, DSP_FILE
+from benchmarks.real_datasets import (
     AUTOJ_FILE,
     AUTOJ_GROUPS,
     AUTOJ_SCENARIO_GROUPS,
     DATA_DIR_ENV,
-    DSP_FILE,
     RealDataMissingError,
     autoj_scenario_group,
     load_autoj_pairs,
     real_data_file,
     resolve_data_dir,
 )
-
-
-BENCHMARK_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "real_data.py"
-
-
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("real_data_benchmark", BENCHMARK_PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_benchmark()
 
 
 def _require(relative_path: str) -> Path:
@@ -91,8 +76,8 @@ def test_data_dir_resolution(monkeypatch, tmp_path):
 def test_missing_files_raise_a_clear_error(tmp_path):
     with pytest.raises(RealDataMissingError, match="--data_dir"):
         load_autoj_pairs(tmp_path)
-    with pytest.raises(FileNotFoundError):
-        bench.load_dsp_pairs_fallback(tmp_path)
+    with pytest.raises(RealDataMissingError, match="--data_dir"):
+        bench.load_dsp_split(tmp_path)
 
 
 def test_benchmark_skips_cleanly_without_data(tmp_path, capsys):
@@ -124,39 +109,47 @@ def test_autoj_labels_and_ties_on_a_synthetic_file(tmp_path):
     assert with_ties["chosen"][2] == "e"
 
 
-def test_dsp_fallback_on_a_synthetic_file(tmp_path):
-    domains = (*bench.DSP_DOMAINS, "normal")
+def test_dsp_split_on_a_synthetic_file(tmp_path):
+    domains = (*DSP_DOMAINS, "normal")
     rows = [{"query": f"q{i}", "responses": {d: f"{d} answer {i}" for d in domains}} for i in range(5)]
     (tmp_path / "dsp").mkdir()
     (tmp_path / DSP_FILE).write_text(json.dumps(rows))
-    pairs = bench.load_dsp_pairs_fallback(tmp_path)
-    assert len(pairs) == 5 * 4 * 3
-    assert "normal" not in set(pairs["rejected_domain"]) | set(pairs["category"])
-    for row in pairs:
+    split = bench.load_dsp_split(tmp_path, test_size=0.2, seed=0)
+    assert len(split["train"]) + len(split["test"]) == 5 * 4 * 3
+    assert not set(split["train"]["prompt"]) & set(split["test"]["prompt"])
+    for row in split["test"]:
+        assert row["category"] != "normal" != row["rejected_domain"]
         assert row["chosen"].startswith(row["category"]) and row["rejected"].startswith(row["rejected_domain"])
 
 
-def test_truncating_tokenizer_keeps_every_row_within_max_length():
+def test_pair_tokenizer_encodes_like_the_package_and_numbers_distinct_sequences():
     from transformers import AutoTokenizer
 
     from trl_moe_rm.demo import minilm_path
+    from trl_moe_rm.processing import RowEncoder
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(minilm_path())
     except ImportError as error:
         pytest.skip(str(error))
     long = " ".join(["word"] * 500)
-    data = Dataset.from_dict({"prompt": [long, "short prompt"], "chosen": [long, "yes"], "rejected": ["no", long]})
-    pair_tokenizer = bench.TruncatingPairTokenizer(tokenizer, max_length=64, max_prompt_length=16)
+    data = Dataset.from_dict(
+        {"prompt": [long, "short prompt", "short prompt"], "chosen": [long, "yes", "yes"], "rejected": ["no", long, ""]}
+    )
+    pair_tokenizer = bench.PairTokenizer(tokenizer, max_length=64)
     tokenized = pair_tokenizer(data)
-    assert len(tokenized) == 2
-    for row in tokenized:
-        for column in ("chosen_ids", "rejected_ids"):
-            ids = row[column]
-            assert len(ids) <= 64 and ids[0] == tokenizer.cls_token_id and ids[-1] == tokenizer.sep_token_id
-            assert ids[row["prompt_length"] - 1] == tokenizer.sep_token_id  # the prompt keeps its closing [SEP]
-    assert tokenized[0]["prompt_length"] == 16 and pair_tokenizer.truncated_prompts == 1
-    assert pair_tokenizer.truncated_responses == 2  # (long prompt, long) and (short prompt, long)
+    assert len(tokenized) == 3
+    encoder = RowEncoder(tokenizer, max_length=64)
+    for row, pair in zip(tokenized, data):
+        chosen, chosen_prompt_length = encoder.encode(pair["prompt"], pair["chosen"])
+        rejected, rejected_prompt_length = encoder.encode(pair["prompt"], pair["rejected"])
+        assert (row["chosen_ids"], row["rejected_ids"]) == (chosen, rejected)
+        assert row["prompt_length"] == min(chosen_prompt_length, rejected_prompt_length)
+        assert len(row["chosen_ids"]) <= 64 and len(row["rejected_ids"]) <= 64
+    # (long, long) keeps its response end and cuts the prompt from the left; "short prompt"/"yes" is encoded once.
+    assert tokenized[0]["chosen_ids"][-1] == tokenizer.sep_token_id
+    assert len(pair_tokenizer.sequences) == 5 and pair_tokenizer.empty_responses == 1
+    assert pair_tokenizer.encoder.truncation.prompts_cut >= 2  # (long, long) and (long, "no")
 
 
 def test_dsp_domain_deltas_and_surface_features():
@@ -236,35 +229,20 @@ def test_autoj_split_has_no_prompt_overlap():
     assert abs(len(set(split["test"]["prompt"])) - 0.2 * prompts) <= 1
 
 
-@pytest.mark.parametrize("use_fallback", [False, True])
-def test_dsp_pairs_and_split_by_query(monkeypatch, use_fallback):
+def test_dsp_pairs_and_split_by_query():
     _require(DSP_FILE)
-    if use_fallback:  # as if trl_moe_rm.data.dsp did not exist
-        monkeypatch.setitem(sys.modules, "trl_moe_rm.data.dsp", None)
-    split, loader = bench.load_dsp_split(test_size=0.2, seed=0)
-    assert ("fallback" in loader) == use_fallback
+    split = bench.load_dsp_split(test_size=0.2, seed=0)
     train, test = split["train"], split["test"]
     assert len(train) + len(test) == 661 * 4 * 3 == 7932
     assert not set(train["prompt"]) & set(test["prompt"])
     assert len(set(train["prompt"])) + len(set(test["prompt"])) == 661
     assert abs(len(set(test["prompt"])) - 132) <= 1
     for part in (train, test):
-        assert Counter(part["category"]) == {domain: len(part) // 4 for domain in bench.DSP_DOMAINS}
+        assert Counter(part["category"]) == {domain: len(part) // 4 for domain in DSP_DOMAINS}
         assert all(c != r for c, r in zip(part["category"], part["rejected_domain"]))
     # Every query appears under all 4 domains, and every response pair with both labels.
     pairs = Counter((p, c, r) for p, c, r in zip(test["prompt"], test["chosen"], test["rejected"]))
     assert all(pairs[(p, r, c)] == count for (p, c, r), count in pairs.items())
-
-
-def test_dsp_fallback_matches_the_file():
-    path = _require(DSP_FILE)
-    rows = json.loads(path.read_text(encoding="utf-8"))
-    pairs = bench.load_dsp_pairs_fallback()
-    assert len(rows) == 661 and len(pairs) == 7932
-    first = pairs[0]
-    assert first["prompt"] == rows[0]["query"] and first["category"] == "academy"
-    assert first["chosen"] == rows[0]["responses"]["academy"]
-    assert first["rejected"] == rows[0]["responses"][first["rejected_domain"]]
 
 
 @pytest.mark.slow
@@ -278,7 +256,6 @@ def test_benchmark_smoke_run(tmp_path):
         cache_dir=str(tmp_path / "cache"),
         max_prompts=16,
         max_length=48,
-        max_prompt_length=24,
         num_train_epochs=1,
         num_resamples=20,
     )
@@ -292,4 +269,5 @@ def test_benchmark_smoke_run(tmp_path):
     assert report["datasets"]["dsp"]["preprocessing"]["max_feature_difference"] < 1e-4
     markdown = (tmp_path / "out" / "report.md").read_text()
     assert "| sparse_moe_assignment |" in markdown and "Auto-J" in markdown
-    assert not list(Path(BENCHMARK_PATH).parents[1].glob("**/features-*.safetensors"))  # nothing cached in the repo
+    # The features are cached where the benchmark was told, its own tmp dir (never the repository).
+    assert list(Path(config.cache_dir).glob("features-*.safetensors"))

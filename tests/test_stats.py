@@ -1,11 +1,15 @@
-"""Tests of `trl_moe_rm.stats`: interval coverage on simulated data, known values, ties and input validation."""
+"""
+Tests of `trl_moe_rm.accuracy` (pairwise accuracy, bootstrap) and `benchmarks.stats` (Student-t and Wilson
+intervals): interval coverage on simulated data, known values, ties and input validation.
+"""
 
 import math
 
 import numpy as np
 import pytest
 
-from trl_moe_rm.stats import bootstrap_ci, mean_ci, pairwise_accuracy, pairwise_outcomes, wilson_interval
+from benchmarks.stats import mean_ci, wilson_interval
+from trl_moe_rm.accuracy import bootstrap_ci, pairwise_accuracy, pairwise_outcomes
 
 
 # ---------------------------------------------------------------------------------------------------------- coverage
@@ -83,11 +87,11 @@ def test_bootstrap_ci_statistic_without_axis_matches_vectorised_statistic():
 
 
 def test_bootstrap_ci_chunked_resampling_matches_a_direct_computation(monkeypatch):
-    import trl_moe_rm.stats as stats
+    import trl_moe_rm.accuracy as accuracy
 
     values = np.random.default_rng(6).normal(size=64)
     full = bootstrap_ci(values, num_resamples=100)
-    monkeypatch.setattr(stats, "_MAX_RESAMPLE_ELEMENTS", 64 * 7)  # 7 resamples per chunk
+    monkeypatch.setattr(accuracy, "_MAX_RESAMPLE_ELEMENTS", 64 * 7)  # 7 resamples per chunk
     assert bootstrap_ci(values, num_resamples=100) == pytest.approx(full, rel=1e-12)
 
     indices = np.random.default_rng(0).integers(0, 64, size=(100, 64))

@@ -1,13 +1,14 @@
 """
 Model cards and expert descriptions (`experts.json`) of Mixture-of-Experts reward models shared on the Hugging Face Hub.
 
-[`render_model_card`] writes the `README.md` of a Hub repository: YAML metadata (tags, base model, datasets and a
-`model-index` with the evaluation results), a table of the experts with their description and routing load, the
-routing heatmap, the evaluation results, copy-paste usage (scoring, personalization with `fit_user_weights`, RLOO with
+[`render_model_card`] renders the `README.md` of a Hub repository (and of a trainer's `output_dir`) from the template
+`templates/model_card.md`: YAML metadata (tags, base model, datasets and a `model-index` with the evaluation results),
+a table of the experts with their description and routing load, the routing heatmap, the evaluation results,
+copy-paste usage (scoring with `trl_moe_rm.score`, personalization with `fit_user_weights`, RLOO with
 `trl_moe_rm.rewards.PersonalizedReward`) and the citation of the paper.
 
-[`expert_records`] normalises the expert descriptions accepted by [`~trl_moe_rm.hub.push_moe_reward_model`] into the
-JSON-serialisable records written to `experts.json`.
+[`expert_records`] normalises the expert descriptions accepted by
+[`~trl_moe_rm.publishing.push_moe_reward_model`] into the JSON-serialisable records written to `experts.json`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import jinja2
 from huggingface_hub import EvalResult, ModelCardData
 
 
@@ -28,11 +30,14 @@ __all__ = [
     "CITATION",
     "EXPERTS_FILENAME",
     "EXPERTS_FORMAT",
+    "MODEL_CARD_TEMPLATE",
     "PAPER_ARXIV_ID",
     "PAPER_TITLE",
     "ROUTING_HEATMAP_FILENAME",
     "eval_metrics",
+    "expert_load_from_metrics",
     "expert_records",
+    "experts_file_content",
     "read_experts_file",
     "render_model_card",
 ]
@@ -57,6 +62,8 @@ EXPERTS_FILENAME = "experts.json"
 EXPERTS_FORMAT = "trl_moe_rm.experts"
 EXPERTS_SCHEMA_VERSION = 1
 ROUTING_HEATMAP_FILENAME = "routing_heatmap.png"
+MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent / "templates" / "model_card.md"
+"""The Jinja2 template of the card (shipped as package data)."""
 
 # Keys of `trainer.evaluate()` / `analysis_report` that are bookkeeping rather than model quality.
 _NON_METRIC_KEYS = ("runtime", "samples_per_second", "steps_per_second", "epoch", "step", "num_tokens", "num_pairs")
@@ -289,6 +296,30 @@ def _metric_label(name: str) -> str:
     return name.replace("_", " ")
 
 
+def _card_results(
+    eval_results: Mapping[str, float] | Sequence[EvalResult] | None, dataset_name: str | None
+) -> tuple[list[EvalResult], dict[str, float]]:
+    """The `model-index` entries and the `{metric: value}` table of the card."""
+    if not eval_results:
+        return [], {}
+    if not isinstance(eval_results, Mapping):
+        results = list(eval_results)
+        return results, {result.metric_name or result.metric_type: float(result.metric_value) for result in results}
+    results = [
+        EvalResult(
+            task_type="text-classification",
+            task_name="Reward modeling (pairwise preferences)",
+            dataset_type=dataset_name or "custom",
+            dataset_name=dataset_name or "preference pairs",
+            metric_type=name,
+            metric_name=_metric_label(name),
+            metric_value=value,
+        )
+        for name, value in eval_results.items()
+    ]
+    return results, dict(eval_results)
+
+
 def render_model_card(
     repo_id: str,
     config: Any,
@@ -307,7 +338,8 @@ def render_model_card(
     license: str | None = None,
 ) -> str:
     r"""
-    The `README.md` of a MoE reward model repository.
+    The `README.md` of a MoE reward model repository, rendered from the Jinja2 template [`MODEL_CARD_TEMPLATE`]
+    (`trl_moe_rm/templates/model_card.md`), as TRL renders its own cards from `trl/templates/`.
 
     Args:
         repo_id (`str`):
@@ -344,204 +376,42 @@ def render_model_card(
         `str`: The card, YAML front matter included.
     """
     model_name = model_name or repo_id.split("/")[-1]
-    num_experts = int(config.num_experts)
-    top_k = int(config.top_k)
-    backbone_type = getattr(getattr(config, "backbone_config", None), "model_type", "unknown")
-    all_tags = list(dict.fromkeys([*CARD_TAGS, *(tags or [])]))
-
-    results: list[EvalResult] = []
-    metrics: dict[str, float] = {}
-    if eval_results:
-        if isinstance(eval_results, Mapping):
-            metrics = dict(eval_results)
-            results = [
-                EvalResult(
-                    task_type="text-classification",
-                    task_name="Reward modeling (pairwise preferences)",
-                    dataset_type=dataset_name or "custom",
-                    dataset_name=dataset_name or "preference pairs",
-                    metric_type=name,
-                    metric_name=_metric_label(name),
-                    metric_value=value,
-                )
-                for name, value in metrics.items()
-            ]
-        else:
-            results = list(eval_results)
-            metrics = {result.metric_name or result.metric_type: float(result.metric_value) for result in results}
+    results, metrics = _card_results(eval_results, dataset_name)
     card_data = ModelCardData(
         model_name=model_name if results else None,
         library_name="transformers",
         pipeline_tag="text-classification",
-        tags=all_tags,
+        tags=list(dict.fromkeys([*CARD_TAGS, *(tags or [])])),
         base_model=base_model,
         datasets=[dataset_name] if dataset_name else None,
         license=license,
         eval_results=results or None,
     )
-
-    lines = [
-        "---",
-        card_data.to_yaml(),
-        "---",
-        "",
-        f"# {model_name}",
-        "",
-        f"A **sparse Mixture-of-Experts reward model** with {num_experts} experts, {top_k} of which are routed to "
-        f"for each prompt, on a `{backbone_type}` backbone"
-        + (f" ([{base_model}](https://huggingface.co/{base_model}))" if base_model else "")
-        + ". It was trained with `trl_moe_rm`, a plugin of [TRL](https://github.com/huggingface/trl), on binary "
-        "preference pairs"
-        + (f" from `{dataset_name}`" if dataset_name else "")
-        + ", following *"
-        + PAPER_TITLE
-        + f"* ([arXiv {PAPER_ARXIV_ID}](https://arxiv.org/abs/{PAPER_ARXIV_ID})).",
-        "",
-        "A backbone encodes (prompt, response); each expert head gives a scalar reward `r_k`; a router reads the prompt "
-        "and keeps its top-k weights `g(x)`. The reward is `r = sum_k g_k(x) r_k(x, y)` (the `logits` of the model). "
-        "The experts can be re-weighted per user from a few labelled pairs (test-time personalization).",
-        "",
-        "## Experts",
-        "",
-        "| Expert | Load | Description |",
-        "|---:|---:|---|",
-    ]
-    for record in experts:
-        description = record.get("description") or "not described"
-        lines.append(f"| {record['expert']} | {_cell(record.get('load'))} | {_cell(description)} |")
-    lines += [
-        "",
-        "*Load* is the expert's mean routing weight over the prompts it was measured on (evaluation data, or the last "
-        "training batches); descriptions are computed from the data without a language model "
-        f"(`trl_moe_rm.analysis.describe_experts`). Both are also in [`{EXPERTS_FILENAME}`]({EXPERTS_FILENAME}).",
-        "",
-    ]
-    if routing_heatmap:
-        lines += [
-            "## Routing",
-            "",
-            f"![Mean routing weight of each expert per category]({routing_heatmap})",
-            "",
-        ]
-    if metrics:
-        lines += [
-            "## Evaluation",
-            "",
-            f"On `{dataset_name}`:" if dataset_name else "On held-out preference pairs:",
-            "",
-            "| Metric | Value |",
-            "|---|---:|",
-        ]
-        lines += [f"| {_metric_label(name)} | {_cell(value)} |" for name, value in metrics.items()]
-        lines.append("")
-
-    load_model = (
-        'from trl_moe_rm.hub import load_from_hub\n\nbundle = load_from_hub("{repo}")\n'
-        "model, tokenizer = bundle.model, bundle.tokenizer"
-        if is_adapter
-        else "import torch\nfrom transformers import AutoModelForSequenceClassification, AutoTokenizer\n\n"
-        "# trust_remote_code=True runs the modeling code of this repository; not needed with `import trl_moe_rm`.\n"
-        'model = AutoModelForSequenceClassification.from_pretrained("{repo}", trust_remote_code=True).eval()\n'
-        'tokenizer = AutoTokenizer.from_pretrained("{repo}")'
-    ).format(repo=repo_id)
-    lines += [
-        "## Usage",
-        "",
-        "### Score a response",
-        "",
-        "```python",
-        load_model,
-        "",
-        'prompt, response = "How do I bake bread?", "Mix flour, water, salt and yeast, knead, proof, then bake."',
-        'prompt_ids = tokenizer(prompt)["input_ids"]',
-        'input_ids = prompt_ids + tokenizer(response, add_special_tokens=False)["input_ids"]',
-        "with torch.no_grad():" if not is_adapter else "import torch\n\nwith torch.no_grad():",
-        "    out = model(input_ids=torch.tensor([input_ids]), prompt_lengths=torch.tensor([len(prompt_ids)]))",
-        "print(out.logits.item())  # the routed reward",
-        "print(out.routing_weights, out.expert_rewards)  # which experts were used, and what each one says",
-        "```",
-        "",
-    ]
-    if not has_tokenizer:
-        lines += ["This repository holds no tokenizer: use the backbone's.", ""]
-    lines += [
-        "### Personalize to a user from a few labelled pairs",
-        "",
-        "```python",
-        "# pip install trl-moe-rm",
-        "from trl_moe_rm import ProfileStore, fit_user_weights",
-        "from trl_moe_rm.hub import load_from_hub",
-        "",
-        f'bundle = load_from_hub("{repo_id}")',
-        "pairs = [  # the user's labelled pairs",
-        '    {"prompt": "Explain recursion.", "chosen": "A function that calls itself.", '
-        '"rejected": "Recursion is a process in which ..."},',
-        "]",
-        'profile = fit_user_weights(bundle.model, pairs, method="hedge", user_id="alice", tokenizer=bundle.tokenizer)',
-        "user_model = bundle.model.for_user(profile)  # same modules, the user's mixture of experts",
-        'ProfileStore("profiles").save(profile)',
-        "```",
-        "",
-    ]
-    if has_profiles:
-        count = "" if num_profiles is None else f" ({num_profiles} user{'' if num_profiles == 1 else 's'})"
-        lines += [
-            f"This repository ships fitted user profiles{count} in `profiles/`:",
-            "",
-            "```python",
-            "from trl_moe_rm import ProfileStore",
-            "",
-            f'profiles = ProfileStore.from_pretrained("{repo_id}")',
-            "user_model = bundle.model.for_user(profiles.load(profiles.list()[0]))",
-            "```",
-            "",
-        ]
-    lines += [
-        "### Use it as the reward of RLOO",
-        "",
-        "```python",
-        "from trl import RLOOConfig, RLOOTrainer",
-        "from trl_moe_rm.rewards import PersonalizedReward",
-        "",
-        (
-            f'reward = PersonalizedReward("{repo_id}", profiles="{repo_id}")  # scores each row for its `user_id`'
-            if has_profiles
-            else f'reward = PersonalizedReward("{repo_id}", profiles="profiles")  # your ProfileStore folder'
-        ),
-        "trainer = RLOOTrainer(",
-        '    model="Qwen/Qwen2.5-0.5B-Instruct",',
-        "    reward_funcs=reward,",
-        '    args=RLOOConfig(output_dir="rloo-personalized"),',
-        "    train_dataset=dataset,  # prompts with a `user_id` column",
-        ")",
-        "trainer.train()",
-        "```",
-        "",
-        "Each completion is scored for the user of its prompt (`user_id` column); users without a profile get the "
-        "default routing. See `trl_moe_rm.rewards.PersonalizedReward` for its options (`strict`, `normalize`, ...).",
-        "",
-        "## Files",
-        "",
-        "- `model.safetensors`, `config.json`: the weights and configuration (`model_type: moe_reward`, with its "
-        "`auto_map`);",
-        "- `configuration_moe_reward.py`, `modeling_moe_reward.py`: the model code, for `trust_remote_code=True`;",
-        f"- `{EXPERTS_FILENAME}`: the expert descriptions and loads;",
-    ]
-    if has_tokenizer:
-        lines.append("- the tokenizer files;")
-    if has_profiles:
-        lines.append("- `profiles/`: the users' expert weights (`trl_moe_rm.ProfileStore`, JSON or safetensors);")
-    if routing_heatmap:
-        lines.append(f"- `{routing_heatmap}`: the routing heatmap.")
-    lines += [
-        "",
-        "No file of this repository is a pickle: `trl_moe_rm` loads only safetensors and JSON.",
-        "",
-        "## Citation",
-        "",
-        "```bibtex",
-        CITATION,
-        "```",
-        "",
-    ]
-    return "\n".join(lines)
+    environment = jinja2.Environment(
+        trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, undefined=jinja2.StrictUndefined
+    )
+    template = environment.from_string(MODEL_CARD_TEMPLATE.read_text(encoding="utf-8"))
+    return template.render(
+        card_data=card_data.to_yaml(),
+        model_name=model_name,
+        repo_id=repo_id,
+        num_experts=int(config.num_experts),
+        top_k=int(config.top_k),
+        backbone_type=getattr(getattr(config, "backbone_config", None), "model_type", "unknown"),
+        base_model=base_model,
+        dataset_name=dataset_name,
+        expert_rows=[
+            (record["expert"], _cell(record.get("load")), _cell(record.get("description") or "not described"))
+            for record in experts
+        ],
+        experts_filename=EXPERTS_FILENAME,
+        routing_heatmap=routing_heatmap,
+        metric_rows=[(_metric_label(name), _cell(value)) for name, value in metrics.items()],
+        is_adapter=is_adapter,
+        has_tokenizer=has_tokenizer,
+        has_profiles=has_profiles,
+        num_profiles=num_profiles,
+        paper_title=PAPER_TITLE,
+        paper_arxiv_id=PAPER_ARXIV_ID,
+        citation=CITATION,
+    )

@@ -7,7 +7,6 @@ This file only uses relative imports, torch and transformers, so that a saved mo
 `trust_remote_code=True` where `trl_moe_rm` is not installed.
 """
 
-import importlib
 import math
 import os
 from contextlib import nullcontext
@@ -164,7 +163,8 @@ class MoERewardPreTrainedModel(PreTrainedModel):
             super()._init_weights(module)
 
 
-# Arguments of `PreTrainedModel.push_to_hub`, for the fallback of `MoERewardModel.push_to_hub` without trl_moe_rm.
+# Arguments of `PreTrainedModel.push_to_hub`: all that `MoERewardModel.push_to_hub` takes when `trl_moe_rm` did not hook
+# the class (the copy of this file loaded with `trust_remote_code=True`).
 _STANDARD_PUSH_ARGUMENTS = frozenset(
     {"commit_message", "commit_description", "private", "token", "revision", "create_pr", "max_shard_size", "tags"}
 )
@@ -255,11 +255,12 @@ class MoERewardModel(MoERewardPreTrainedModel):
         r"""
         Upload the model to the Hugging Face Hub in one commit.
 
-        With `trl_moe_rm` installed, this is `trl_moe_rm.hub.push_moe_reward_model(self, repo_id, **kwargs)`: the
-        weights (safetensors), the config and the code files (for `trust_remote_code=True`), plus, when given, the
-        `tokenizer`, the users' `profiles`, the expert `descriptions`, `eval_results` and a `routing_heatmap`, and a
-        generated model card. Without `trl_moe_rm` (a model loaded with `trust_remote_code=True`), the standard
-        `transformers` upload is used (weights, config and code only).
+        Importing `trl_moe_rm` sets the class attribute `_push_to_hub_hook` to
+        `trl_moe_rm.publishing.push_moe_reward_model`, and this is then `push_moe_reward_model(self, repo_id,
+        **kwargs)`: the weights (safetensors), the config and the code files (for `trust_remote_code=True`), plus, when
+        given, the `tokenizer`, the users' `profiles`, the expert `descriptions`, `eval_results` and a
+        `routing_heatmap`, and the model card. The copy of this class loaded with `trust_remote_code=True` has no hook
+        and uses the standard `transformers` upload (weights, config and code only): it never imports `trl_moe_rm`.
 
         Example:
 
@@ -267,17 +268,17 @@ class MoERewardModel(MoERewardPreTrainedModel):
         >>> model.push_to_hub("your-name/qwen-moe-rm", tokenizer=tokenizer, profiles="my_profiles/")
         ```
         """
-        try:
-            hub = importlib.import_module("trl_moe_rm.hub")
-        except ImportError:
-            extras = sorted(set(kwargs) - _STANDARD_PUSH_ARGUMENTS)
-            if extras:
-                raise ImportError(
-                    f"push_to_hub({', '.join(extras)}=...) needs the trl_moe_rm package (`pip install trl_moe_rm`); "
-                    "without it only the model is uploaded."
-                ) from None
-            return super().push_to_hub(repo_id, **kwargs)
-        return hub.push_moe_reward_model(self, repo_id, **kwargs)
+        hook = getattr(type(self), "_push_to_hub_hook", None)
+        if hook is not None:
+            return hook(self, repo_id, **kwargs)
+        extras = sorted(set(kwargs) - _STANDARD_PUSH_ARGUMENTS)
+        if extras:
+            raise ImportError(
+                f"push_to_hub({', '.join(extras)}=...) needs the trl_moe_rm package: this copy of the model class "
+                "(loaded with trust_remote_code=True) only uploads the model. Install it (`pip install trl-moe-rm`) "
+                "and call `trl_moe_rm.hub.push_moe_reward_model(model, repo_id, ...)`."
+            )
+        return super().push_to_hub(repo_id, **kwargs)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.backbone.get_input_embeddings()

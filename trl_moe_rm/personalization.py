@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerBase
 
 from .fitting import FIT_METHODS, routed_weights
 from .processing import load_tokenizer
-from .profiles import ProfileStore, UnknownUserError, UserProfile, config_fingerprint
+from .profiles import ProfileStore, UnknownUserError, UserProfile, config_fingerprint, lookup_profile
 from .scoring import PairScores, check_finite, model_dtype, score_pairs
 
 
@@ -338,9 +338,10 @@ class UserRewards:
 
     def weights_for(self, user_id: Any) -> tuple[torch.Tensor | None, str, float]:
         """The user's `(weights, mode, beta)`; `(None, "routed", 1.0)` means the default routing."""
-        if user_id in self._weights:
-            return self._weights[user_id]
-        profile = self.profiles.get(user_id)
+        key = (type(user_id), user_id)  # exact ids: 1, "1", 1.0 and True never share a cache entry
+        if key in self._weights:
+            return self._weights[key]
+        profile = lookup_profile(self.profiles, user_id)  # refuses bool / float ids rather than aliasing them
         if profile is None:
             if self.strict:
                 raise UnknownUserError(
@@ -352,7 +353,7 @@ class UserRewards:
             return None, "routed", 1.0
         profile.check_compatible(self.model.config.num_experts, self._fingerprint)
         entry = (profile.weights_tensor(), profile.mode, profile.beta)
-        self._weights[user_id] = entry
+        self._weights[key] = entry
         return entry
 
     def combine(

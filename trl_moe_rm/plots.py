@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from transformers.utils import add_end_docstrings
 
 
 __all__ = [
@@ -59,13 +60,6 @@ def _save(figure: Any, path: str | os.PathLike) -> str:
     return str(path)
 
 
-def _matrix(values: Any, name: str) -> np.ndarray:
-    matrix = np.asarray(values, dtype=np.float64)
-    if matrix.ndim != 2 or matrix.size == 0:
-        raise ValueError(f"`{name}` must be a non-empty 2-D array, got shape {matrix.shape}.")
-    return matrix
-
-
 def _check_names(names: Sequence[Any] | None, size: int, what: str, default_prefix: str) -> list[str]:
     if names is None:
         return [f"{default_prefix}{index}" for index in range(size)]
@@ -76,18 +70,27 @@ def _check_names(names: Sequence[Any] | None, size: int, what: str, default_pref
 
 
 def _heatmap(
-    matrix: np.ndarray,
-    row_names: list[str],
-    column_names: list[str],
+    values: Any,
+    row_names: Sequence[Any] | None,
+    column_names: Sequence[Any] | None,
     path: str | os.PathLike,
     title: str,
-    xlabel: str,
-    ylabel: str,
-    colorbar_label: str,
+    labels: tuple[str, str, str],
     diverging: bool,
     limit: float | None = None,
 ) -> str:
+    """
+    Annotated heatmap of a `(rows, columns)` matrix. `labels` are the x (column), y (row) and colorbar labels; the x
+    and y labels also name the default tick labels (`expert 0`, `expert 1`, ...) when `row_names` or `column_names`
+    is `None`.
+    """
+    xlabel, ylabel, colorbar_label = labels
+    matrix = np.asarray(values, dtype=np.float64)
+    if matrix.ndim != 2 or matrix.size == 0:
+        raise ValueError(f"The {ylabel} x {xlabel} matrix must be a non-empty 2-D array, got shape {matrix.shape}.")
     rows, columns = matrix.shape
+    row_names = _check_names(row_names, rows, f"{ylabel} names", f"{ylabel} ")
+    column_names = _check_names(column_names, columns, f"{xlabel} names", f"{xlabel} ")
     figure = _figure(max(4.0, 0.8 * columns + 2.5), max(3.0, 0.45 * rows + 1.8))
     axes = figure.add_subplot()
     if diverging:
@@ -122,6 +125,20 @@ def _heatmap(
     return _save(figure, path)
 
 
+# The arguments the expert heatmaps share, appended to their docstrings (which end inside their `Args:` section).
+_EXPERT_HEATMAP_DOCSTRING = r"""    path (`str` or `os.PathLike`):
+            Destination PNG file.
+        expert_names (`Sequence[str]`, *optional*):
+            The `K` expert labels. Defaults to `expert 0`, `expert 1`, ...
+        title (`str`, *optional*):
+            Figure title; the default is in the signature.
+
+    Returns:
+        `str`: The path written.
+"""
+
+
+@add_end_docstrings(_EXPERT_HEATMAP_DOCSTRING)
 def plot_routing_heatmap(
     matrix: Any,
     category_names: Sequence[Any],
@@ -134,25 +151,15 @@ def plot_routing_heatmap(
 
     Args:
         matrix (`array-like` of shape `(C, K)`):
-            Output of [`~trl_moe_rm.analysis.routing_matrix`].
+            Output of [`~trl_moe_rm.routing.routing_matrix`].
         category_names (`Sequence`):
             The `C` category names (row labels).
-        path (`str` or `os.PathLike`):
-            Destination PNG file.
-        expert_names (`Sequence[str]`, *optional*):
-            The `K` column labels. Defaults to `expert 0`, `expert 1`, ...
-        title (`str`, *optional*, defaults to `"Mean routing weight per category"`):
-            Figure title.
-
-    Returns:
-        `str`: The path written.
     """
-    matrix = _matrix(matrix, "matrix")
-    rows = _check_names(category_names, matrix.shape[0], "category names", "category ")
-    columns = _check_names(expert_names, matrix.shape[1], "expert names", "expert ")
-    return _heatmap(matrix, rows, columns, path, title, "expert", "category", "routing weight", diverging=False)
+    labels = ("expert", "category", "routing weight")
+    return _heatmap(matrix, category_names, expert_names, path, title, labels, diverging=False)
 
 
+@add_end_docstrings(_EXPERT_HEATMAP_DOCSTRING)
 def plot_expert_attribute_heatmap(
     corr: Any,
     attribute_names: Sequence[str],
@@ -165,23 +172,12 @@ def plot_expert_attribute_heatmap(
 
     Args:
         corr (`array-like` of shape `(K, A)`):
-            Output of [`~trl_moe_rm.analysis.expert_attribute_correlation`].
+            Output of [`~trl_moe_rm.specialization.expert_attribute_correlation`].
         attribute_names (`Sequence[str]`):
             The `A` attribute names (column labels).
-        path (`str` or `os.PathLike`):
-            Destination PNG file.
-        expert_names (`Sequence[str]`, *optional*):
-            The `K` row labels. Defaults to `expert 0`, `expert 1`, ...
-        title (`str`, *optional*, defaults to `"Expert x attribute Spearman correlation"`):
-            Figure title.
-
-    Returns:
-        `str`: The path written.
     """
-    corr = _matrix(corr, "corr")
-    columns = _check_names(attribute_names, corr.shape[1], "attribute names", "attribute ")
-    rows = _check_names(expert_names, corr.shape[0], "expert names", "expert ")
-    return _heatmap(corr, rows, columns, path, title, "attribute", "expert", "Spearman rho", diverging=True, limit=1.0)
+    labels = ("attribute", "expert", "Spearman rho")
+    return _heatmap(corr, expert_names, attribute_names, path, title, labels, diverging=True, limit=1.0)
 
 
 def plot_routing_entropy(log_history: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> str:
@@ -284,7 +280,4 @@ def plot_weight_shift_heatmap(
     Returns:
         `str`: The path written.
     """
-    shifts = _matrix(shifts, "shifts")
-    rows = _check_names(user_ids, shifts.shape[0], "user ids", "user ")
-    columns = _check_names(expert_names, shifts.shape[1], "expert names", "expert ")
-    return _heatmap(shifts, rows, columns, path, title, "expert", "user", "weight shift", diverging=True)
+    return _heatmap(shifts, user_ids, expert_names, path, title, ("expert", "user", "weight shift"), diverging=True)

@@ -11,7 +11,11 @@ Two on-disk formats are supported, neither of which ever unpickles anything:
   fields of every profile live, as a JSON list in the same order, in the file's metadata.
 
 Every write goes through [`~io_utils.atomic_write_bytes`]: a reader sees the complete old or the complete new file even
-if the writer is killed mid-write.
+if the writer is killed mid-write. Writers of the `"safetensors"` table hold a file lock (`.profiles.lock`, in the
+store's directory) around their read-modify-write, so that concurrent processes never lose each other's users.
+
+User ids are exact: a `str` or an `int` (never a `bool` or a `float`), and `1`, `"1"`, `1.0` and `True` never name the
+same user ([`normalize_user_id`], [`lookup_profile`]).
 """
 
 from __future__ import annotations
@@ -32,12 +36,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock
 
 from .configuration_moe_reward import config_fingerprint
 from .io_utils import atomic_write_bytes, atomic_write_text, fsync_directory, is_temp_file
+from .paths import is_local_path
+from .safety import is_pickle_capable
 
 
 __all__ = [
+    "PROFILES_DIRNAME",
     "PROFILE_SCHEMA_VERSION",
     "ProfileStore",
     "ProfileStoreError",
@@ -45,21 +53,26 @@ __all__ = [
     "UnknownUserError",
     "UserProfile",
     "config_fingerprint",
+    "lookup_profile",
+    "normalize_user_id",
 ]
 
 #: Version of the on-disk profile schema, written into every file. Files with a newer version are refused.
 PROFILE_SCHEMA_VERSION = 1
 
 PROFILES_DIRNAME = "profiles"
+"""The folder of a model directory (and of its Hub repository) that holds its users' profiles."""
 TABLE_FILENAME = "profiles.safetensors"
+LOCK_FILENAME = ".profiles.lock"
 _TABLE_FORMAT_TAG = "trl_moe_rm.profiles"
 _JSON_FORMAT_TAG = "trl_moe_rm.user_profile"
 _FORMATS = ("json", "safetensors")
 _MODES = ("static", "routed")
 _SIMPLEX_ATOL = 1e-4
-# Files we refuse to even look at: they may contain pickles, and we never unpickle.
-_PICKLE_SUFFIXES = (".pkl", ".pickle", ".bin", ".pt", ".pth", ".joblib")
 _MAX_FILENAME_BYTES = 255
+# Deepest nesting of a profile's `metadata`: deeper input would exhaust Python's recursion limit in `json` or
+# `copy.deepcopy` instead of failing with a clear error.
+_MAX_METADATA_DEPTH = 32
 _INT_NAME = re.compile(r"^i-(-?[0-9]+)\.json$")
 _STR_NAME = re.compile(r"^s-([a-z2-7]+)\.json$")
 
@@ -96,7 +109,17 @@ def _utc_now() -> str:
     return datetime.now(timezone.utc).isoformat()
 
 
-def _validate_user_id(user_id: Any) -> UserId:
+def normalize_user_id(user_id: Any) -> UserId:
+    r"""
+    Checks a user id and returns it as a plain `str` or `int` (e.g. a `numpy.int64` becomes an `int`).
+
+    Ids are exact: `1` and `"1"` are two users, and a `bool` or a `float` is refused rather than taken for an `int`
+    (with a dict, `True` and `1.0` would otherwise find user `1`).
+
+    Raises:
+        TypeError: a `bool`, a `float` or any other type.
+        ValueError: an empty string, or one that is not valid UTF-8 text.
+    """
     if isinstance(user_id, bool):
         raise TypeError(f"user_id must be a str or an int, got the bool {user_id!r}; use e.g. str(user_id).")
     if isinstance(user_id, str):
@@ -148,11 +171,39 @@ def _validate_weights(weights: Any) -> list[float]:
     return [v / total for v in out]
 
 
+def _nests_deeper_than(value: Any, limit: int) -> bool:
+    """Whether lists and dicts nest more than `limit` levels deep in `value` (checked without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, (list, tuple)) else None
+        if children is None:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+def _load_json(text: str | bytes) -> Any:
+    """`json.loads` that raises `ValueError` (never `RecursionError`) for documents nested too deeply for a profile."""
+    try:
+        data = json.loads(text)
+    except RecursionError:
+        raise ValueError("it nests lists / objects deeper than Python's recursion limit") from None
+    # A table's list and a record's object hold the metadata: two levels more than the metadata may have.
+    if _nests_deeper_than(data, _MAX_METADATA_DEPTH + 2):
+        raise ValueError(f"it nests lists / objects more than {_MAX_METADATA_DEPTH + 2} levels deep")
+    return data
+
+
 def _check_json_metadata(metadata: Any) -> dict[str, Any]:
     if not isinstance(metadata, dict):
         raise TypeError(f"metadata must be a dict, got {type(metadata).__name__}.")
     if any(not isinstance(key, str) for key in metadata):
         raise TypeError("metadata keys must be strings (they are stored as JSON object keys).")
+    if _nests_deeper_than(metadata, _MAX_METADATA_DEPTH):
+        raise ValueError(f"metadata nests lists / dicts more than {_MAX_METADATA_DEPTH} levels deep; flatten it.")
     try:
         json.dumps(metadata, allow_nan=False)
     except (TypeError, ValueError) as exc:
@@ -203,7 +254,7 @@ class UserProfile:
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.user_id = _validate_user_id(self.user_id)
+        self.user_id = normalize_user_id(self.user_id)
         self.expert_weights = _validate_weights(self.expert_weights)
         if self.mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, got {self.mode!r}.")
@@ -301,7 +352,7 @@ class UserProfile:
         unknown = sorted(set(fields) - known)
         if unknown:
             raise ValueError(f"profile data has unknown field(s) {unknown} for schema_version {version}.")
-        fields["metadata"] = copy.deepcopy(fields.get("metadata", {}))
+        fields["metadata"] = copy.deepcopy(_check_json_metadata(fields.get("metadata", {})))
         return cls(**fields)
 
     def check_compatible(self, num_experts: int, config_hash: str | None = None) -> None:
@@ -419,9 +470,9 @@ class ProfileStore:
         ProfileStoreNotWritableError: if `directory` is an existing file.
         ProfileStoreError: if `directory` holds only profiles of the other format.
 
-    Iterating over a store yields user ids (like a mapping); use [`as_dict`] for the profiles. Writes are atomic but
-    not locked: with the `"safetensors"` format, two processes saving at the same time can lose one of the updates
-    (the last complete write wins), so use one writer per store.
+    Iterating over a store yields user ids (like a mapping); use [`as_dict`] for the profiles. Writes are atomic, and
+    with the `"safetensors"` format every [`save_many`] / [`delete`] holds a file lock (`.profiles.lock` in the
+    directory, left in place) around its read-modify-write: processes saving at the same time all keep their users.
     """
 
     def __init__(self, directory: str | os.PathLike, format: str = "json") -> None:
@@ -529,8 +580,8 @@ class ProfileStore:
             raise ProfileStoreError(f"cannot read profile file {str(path)!r}: {exc}") from exc
         fix = "delete it or re-save the profile (the file was left unchanged)"
         try:
-            data = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            data = _load_json(raw.decode("utf-8"))
+        except ValueError as exc:  # not UTF-8, not JSON, an integer of more than 4300 digits, or nested too deeply
             raise ProfileStoreError(f"corrupt profile file {str(path)!r} (invalid JSON: {exc}); {fix}.") from exc
         if not isinstance(data, dict):
             raise ProfileStoreError(f"corrupt profile file {str(path)!r} (expected a JSON object); {fix}.")
@@ -603,6 +654,10 @@ class ProfileStore:
         }
         return safetensors_save({"expert_weights": weights.contiguous()}, metadata=metadata)
 
+    def _table_lock(self) -> FileLock:
+        """The lock that writers of the table hold around their read-modify-write (the directory must exist)."""
+        return FileLock(self.directory / LOCK_FILENAME)
+
     def _write_table(self, profiles: list[UserProfile]) -> None:
         if not profiles:
             if self.table_path.exists():
@@ -656,12 +711,12 @@ class ProfileStore:
             for path, text in payloads:
                 self._write(path, text)
         else:
-            table = self._read_table()
-            for profile in profiles:
-                table[_table_key(profile.user_id)] = profile
-            data = self._encode_table(list(table.values()))
             self._ensure_writable()
-            self._write(self.table_path, data)
+            with self._table_lock():
+                table = self._read_table()
+                for profile in profiles:
+                    table[_table_key(profile.user_id)] = profile
+                self._write(self.table_path, self._encode_table(list(table.values())))
 
     def load(self, user_id: UserId) -> UserProfile:
         """
@@ -678,7 +733,7 @@ class ProfileStore:
             UnknownUserError: (a `KeyError`) if no profile is stored for this user.
             ProfileStoreError: if the file is corrupt or of a newer schema version.
         """
-        user_id = _validate_user_id(user_id)
+        user_id = normalize_user_id(user_id)
         if self.format == "json":
             try:
                 path = self._user_path(user_id)
@@ -731,7 +786,7 @@ class ProfileStore:
             UnknownUserError: if no profile is stored for this user.
             ProfileStoreNotWritableError: if the directory cannot be written.
         """
-        user_id = _validate_user_id(user_id)
+        user_id = normalize_user_id(user_id)
         if self.format == "json":
             path = self._user_path(user_id)
             if not path.is_file():
@@ -739,15 +794,18 @@ class ProfileStore:
             self._ensure_writable()
             self._remove(path)
             return
-        table = self._read_table()
-        if table.pop(_table_key(user_id), None) is None:
+        if _table_key(user_id) not in self._read_table():
             raise self._unknown(user_id)
         self._ensure_writable()
-        self._write_table(list(table.values()))
+        with self._table_lock():
+            table = self._read_table()
+            if table.pop(_table_key(user_id), None) is None:  # deleted by another process meanwhile
+                raise self._unknown(user_id)
+            self._write_table(list(table.values()))
 
     def __contains__(self, user_id: object) -> bool:
         try:
-            user_id = _validate_user_id(user_id)
+            user_id = normalize_user_id(user_id)
             if self.format == "json":
                 return self._user_path(user_id).is_file()
         except (TypeError, ValueError):
@@ -844,7 +902,7 @@ class ProfileStore:
             raise ProfileStoreError(
                 f"{str(path)!r} is a file; pass a model directory, a profiles directory or a repo id."
             )
-        elif _looks_like_local_path(os.fspath(repo_or_dir)):
+        elif is_local_path(repo_or_dir):
             raise FileNotFoundError(f"local directory {os.fspath(repo_or_dir)!r} does not exist.")
         else:
             from huggingface_hub import snapshot_download
@@ -861,9 +919,44 @@ class ProfileStore:
                     f"Hub repo {os.fspath(repo_or_dir)!r} (revision {revision or 'main'}) has no {PROFILES_DIRNAME}/ "
                     "folder; write one with ProfileStore.save_pretrained(model_dir) and upload it."
                 )
-        _refuse_pickles(profiles_dir)
+        _refuse_pickle_files(profiles_dir)
         fmt = _detect_format(profiles_dir, strict=True) or "json"
         return cls(profiles_dir, format=fmt)
+
+
+def lookup_profile(
+    profiles: ProfileStore | Mapping[Any, UserProfile], user_id: Any, default: Any = None
+) -> UserProfile | Any:
+    r"""
+    The profile of `user_id` in a [`ProfileStore`] or a dict of profiles, or `default`; ids are matched exactly.
+
+    A dict lookup alone aliases equal keys: `{1: profile}.get(True)` and `.get(1.0)` both find user `1`. Here a `bool`
+    or `float` id is refused ([`normalize_user_id`]), and a profile is only returned for a key of the same kind (`str`
+    or integer) and value as `user_id` (or, for an aliasing key such as `1.0`, when the profile's own `user_id` is
+    exactly `user_id`). Any other object with a `get(user_id, default)` method is asked directly.
+
+    Example:
+
+    ```python
+    >>> profiles = {1: alice}
+    >>> lookup_profile(profiles, 1) is alice, lookup_profile(profiles, "1")
+    (True, None)
+    >>> lookup_profile(profiles, True)  # TypeError: user_id must be a str or an int, got the bool True
+    ```
+
+    Raises:
+        TypeError: `user_id` is a `bool`, a `float` or another type that is not an id.
+    """
+    if isinstance(profiles, ProfileStore):
+        return profiles.get(user_id, default)
+    if not isinstance(profiles, Mapping):
+        return profiles.get(user_id, default)
+    user_id = normalize_user_id(user_id)
+    profile = profiles.get(user_id, default)
+    if profile is default or _same_id(getattr(profile, "user_id", None), user_id):
+        return profile
+    # An equal key of another kind (`True` or `1.0` for user 1) answered: look for the exact key instead.
+    return next((profiles[key] for key in profiles if _same_id(key, user_id)), default)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -874,6 +967,12 @@ class ProfileStore:
 def _table_key(user_id: UserId) -> tuple[type, UserId]:
     # int 1 and str "1" are different users; bool never reaches here.
     return (type(user_id), user_id)
+
+
+def _same_id(key: Any, user_id: UserId) -> bool:
+    """Whether a dict key (or a profile's id) is exactly the normalized `user_id`: same kind, same value."""
+    kind = str if isinstance(user_id, str) else numbers.Integral
+    return isinstance(key, kind) and not isinstance(key, bool) and key == user_id
 
 
 def _profile_json(profile: UserProfile) -> str:
@@ -914,23 +1013,14 @@ def _detect_format(directory: Path, strict: bool = False) -> str | None:
     return None
 
 
-def _refuse_pickles(directory: Path) -> None:
+def _refuse_pickle_files(directory: Path) -> None:
     for path in sorted(directory.rglob("*")):
-        if path.suffix.lower() in _PICKLE_SUFFIXES:
+        if is_pickle_capable(path):
             raise ProfileStoreError(
                 f"refusing to load profiles from {str(directory)!r}: it contains {str(path.name)!r}, a file type that may "
                 "hold a pickle, and profiles are never unpickled. Remove the file and store profiles with ProfileStore "
                 "(JSON or safetensors)."
             )
-
-
-def _looks_like_local_path(value: str) -> bool:
-    return (
-        value.startswith((".", "/", "~", "\\"))
-        or value.count("/") > 1
-        or "\\" in value
-        or bool(re.match(r"^[A-Za-z]:", value))
-    )
 
 
 def _read_table_file(path: Path) -> dict[tuple[type, UserId], UserProfile]:
@@ -967,7 +1057,7 @@ def _read_table_file(path: Path) -> dict[tuple[type, UserId], UserProfile]:
     except ValueError as exc:
         raise ProfileStoreError(str(exc)) from exc
     try:
-        records = json.loads(metadata.get("profiles", ""))
+        records = _load_json(metadata.get("profiles", ""))
         weights = tensors.get("expert_weights")
         if not isinstance(records, list) or weights is None:
             raise ValueError("missing `profiles` metadata or `expert_weights` tensor")

@@ -33,7 +33,7 @@ from transformers.utils import logging
 from .modeling_moe_reward import MoEUserRewardModel
 from .personalization import UserRewards, _tokenizer_for
 from .processing import RowEncoder
-from .profiles import ProfileStore, UserProfile
+from .profiles import ProfileStore, UserProfile, lookup_profile
 from .scoring import check_positive_int, run_model
 
 
@@ -429,7 +429,7 @@ class _ProfileLookup:
     def get(self, user_id: Any, default: Any = None) -> Any:
         if is_missing_user(user_id):
             return default
-        return self.profiles.get(user_id, default)
+        return lookup_profile(self.profiles, user_id, default)
 
 
 def unpartition_zero3(model: nn.Module) -> nn.Module:

@@ -606,8 +606,32 @@ class MoERewardTrainer(RewardTrainer):
             self.export_user_profiles(ProfileStore(directory))
         if is_peft_model(self.model) and self.args.should_save:
             # A PEFT adapter folder does not describe the MoE head (number of experts, routing): save its config too,
-            # so that the adapter reloads on its own (`trl_moe_rm.checkpoints.load_moe_reward_model`).
+            # so that the adapter reloads on its own (`trl_moe_rm.loading.load_moe_reward_model`).
             _unwrap(self.model).config.save_pretrained(output_dir if output_dir is not None else self.args.output_dir)
+        if self.args.should_save:
+            self.create_model_card(output_dir=output_dir)
+
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        dataset_name: str | None = None,
+        tags: str | list[str] | None = None,
+        **kwargs,
+    ) -> None:
+        r"""
+        Write the MoE reward model card to `README.md` in `output_dir` (a keyword argument; default: `args.output_dir`)
+        instead of TRL's generic one, which names no base model for a MoE model ("fine-tuned version of [None]").
+
+        TRL calls it at every checkpoint, [`save_model`] and [`push_to_hub`] call it too: the card is the one that
+        `push_to_hub` uploads. See [`~trl_moe_rm.publishing.write_trainer_model_card`]; `kwargs` takes `output_dir`,
+        `repo_id`, `profiles`, `descriptions`, `eval_results`, `routing_heatmap`, `expert_load`, `report`,
+        `base_model` and `license`.
+        """
+        if not self.is_world_process_zero():
+            return
+        from .publishing import write_trainer_model_card
+
+        write_trainer_model_card(self, model_name=model_name, dataset_name=dataset_name, tags=tags, **kwargs)
 
     def push_to_hub(
         self,
@@ -615,32 +639,20 @@ class MoERewardTrainer(RewardTrainer):
         blocking: bool = True,
         token: str | None = None,
         revision: str | None = None,
-        private: bool | None = None,
-        profiles: Any = None,
-        descriptions: Any = None,
         **kwargs,
     ):
         r"""
         Upload the trained model to `args.hub_model_id` (default: the name of `output_dir`) in one commit, with its
         tokenizer, the users' `profiles` ([`ProfileStore`] or path; default: `<output_dir>/profiles/` when
         `save_model` wrote one), the expert `descriptions` (`experts.json`), the per-expert load and the last
-        evaluation metrics, the code files for `trust_remote_code`, and a generated model card. See
-        [`~trl_moe_rm.hub.push_trainer_to_hub`]; `kwargs` takes `eval_results`, `routing_heatmap`, `dataset_name`,
-        `model_name`, `tags` and the other arguments of [`~trl_moe_rm.hub.push_moe_reward_model`].
+        evaluation metrics, the code files for `trust_remote_code`, and the model card (also written to
+        `output_dir/README.md`). See [`~trl_moe_rm.publishing.push_trainer_to_hub`]; `kwargs` takes `private`,
+        `profiles`, `descriptions`, `eval_results`, `routing_heatmap`, `dataset_name`, `model_name`, `tags` and the
+        other arguments of [`~trl_moe_rm.publishing.push_moe_reward_model`].
         """
-        from .hub import push_trainer_to_hub
+        from .publishing import push_trainer_to_hub
 
-        return push_trainer_to_hub(
-            self,
-            commit_message=commit_message,
-            blocking=blocking,
-            token=token,
-            revision=revision,
-            private=private,
-            profiles=profiles,
-            descriptions=descriptions,
-            **kwargs,
-        )
+        return push_trainer_to_hub(self, commit_message, blocking, token, revision, **kwargs)
 
     # ------------------------------------------------------------------ optimizer
     def create_optimizer(self, model=None):

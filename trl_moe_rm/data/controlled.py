@@ -572,29 +572,36 @@ def make_controlled_dataset(
     return _rows_to_dataset(rows, CONTROLLED_FEATURES)
 
 
-def train_test_split_by_prompt(dataset: Dataset, test_size: float = 0.2, seed: int = 0) -> DatasetDict:
+def train_test_split_by_prompt(
+    dataset: Dataset, test_size: float = 0.2, seed: int = 0, prompt_column: str = "prompt"
+) -> DatasetDict:
     """
-    Splits a dataset so that no prompt text appears in both the train and the test split.
+    Splits a dataset so that no prompt appears in both the train and the test split.
 
-    Distinct prompts are shuffled with `seed` and `round(test_size * num_prompts)` of them (at least one, and at least
-    one left for training) go to the test split together with all their rows. Row order is preserved within splits.
+    Distinct prompts are sorted, shuffled with `seed`, and `round(test_size * num_prompts)` of them (at least one, and
+    at least one left for training) go to the test split together with all their rows. Row order is preserved within
+    splits.
 
     Args:
         dataset ([`~datasets.Dataset`]):
-            Dataset with a `prompt` column.
+            Dataset with a `prompt_column` column.
         test_size (`float`, *optional*, defaults to `0.2`):
             Fraction, in `(0, 1)`, of distinct prompts assigned to the test split.
         seed (`int`, *optional*, defaults to `0`):
             Random seed of the prompt shuffle.
+        prompt_column (`str`, *optional*, defaults to `"prompt"`):
+            Column identifying the prompt of each row: the prompt text, or a prompt id (e.g. DSP's `query_id`).
 
     Returns:
         [`~datasets.DatasetDict`]: With keys `"train"` and `"test"`.
     """
     if not (isinstance(test_size, int | float) and 0.0 < test_size < 1.0):
         raise ValueError(f"`test_size` must be a fraction strictly between 0 and 1, got {test_size!r}.")
-    if "prompt" not in dataset.column_names:
-        raise ValueError(f"`dataset` needs a 'prompt' column to be split by prompt; it has {dataset.column_names}.")
-    prompts = dataset["prompt"]
+    if prompt_column not in dataset.column_names:
+        raise ValueError(
+            f"`dataset` needs a {prompt_column!r} column to be split by prompt; it has {dataset.column_names}."
+        )
+    prompts = dataset[prompt_column]
     unique_prompts = sorted(set(prompts))
     if len(unique_prompts) < 2:
         raise ValueError(

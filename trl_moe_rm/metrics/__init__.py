@@ -62,7 +62,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ..stats import bootstrap_ci, pairwise_outcomes
+from ..accuracy import bootstrap_ci, pairwise_outcomes
 
 
 if TYPE_CHECKING:
@@ -161,7 +161,7 @@ def reward_compute_metrics(
         eval_pred ([`~transformers.EvalPrediction`]):
             Evaluation predictions; `eval_pred.predictions` must have shape `(num_pairs, 2)` (chosen, rejected).
         bootstrap (`bool`, *optional*, defaults to `True`):
-            Whether to add a percentile bootstrap confidence interval (see [`~trl_moe_rm.stats.bootstrap_ci`]).
+            Whether to add a percentile bootstrap confidence interval (see [`~trl_moe_rm.accuracy.bootstrap_ci`]).
         num_resamples (`int`, *optional*, defaults to `1000`):
             Number of bootstrap resamples.
         confidence (`float`, *optional*, defaults to `0.95`):

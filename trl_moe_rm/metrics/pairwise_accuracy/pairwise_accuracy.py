@@ -13,9 +13,9 @@
 # limitations under the License.
 """Pairwise (preference) accuracy of a reward model, as an `evaluate` metric.
 
-This script is copied by `evaluate.load` into its module cache and imported from there, so it must stay
-self-contained: only `numpy`, `datasets` and `evaluate` may be imported (no relative or `trl_moe_rm` imports).
-The bootstrap below deliberately mirrors `trl_moe_rm.stats.bootstrap_ci` (same random stream for the same seed).
+The outcome rule (a tie counts 0.5) and the bootstrap are those of `trl_moe_rm.accuracy` (`pairwise_outcomes`,
+`bootstrap_ci`), imported from the installed package: `evaluate.load` copies this script alone into its module cache
+and imports it from there, so it uses absolute imports only (no relative imports), and needs `trl_moe_rm` installed.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from __future__ import annotations
 import datasets
 import evaluate
 import numpy as np
+
+from trl_moe_rm.accuracy import bootstrap_ci, pairwise_outcomes
 
 
 _DESCRIPTION = """\
@@ -87,49 +89,13 @@ _CITATION = """\
 }
 """
 
-# Upper bound on the number of elements materialised at once when resampling (same value as `trl_moe_rm.stats`).
-_MAX_RESAMPLE_ELEMENTS = 2**22
-
-
-def _pairwise_outcomes(chosen_scores: list[float], rejected_scores: list[float]) -> np.ndarray:
-    chosen = np.asarray(chosen_scores, dtype=np.float64).reshape(-1)
-    rejected = np.asarray(rejected_scores, dtype=np.float64).reshape(-1)
-    if chosen.shape != rejected.shape:
-        raise ValueError(
-            f"`chosen_scores` and `rejected_scores` must have the same length, got {chosen.size} and {rejected.size}."
-        )
-    if chosen.size == 0:
-        raise ValueError("At least one pair of scores is required.")
-    if np.isnan(chosen).any() or np.isnan(rejected).any():
-        raise ValueError("Scores must not contain NaN.")
-    return np.where(chosen > rejected, 1.0, np.where(chosen == rejected, 0.5, 0.0))
-
-
-def _bootstrap_mean_ci(
-    values: np.ndarray, num_resamples: int, confidence: float, seed: int | None
-) -> tuple[float, float]:
-    if np.all(values == values[0]):  # constant sample: every resample is identical
-        point = float(values.mean())
-        return point, point
-    rng = np.random.default_rng(seed)
-    n = values.size
-    chunk_size = max(1, _MAX_RESAMPLE_ELEMENTS // n)
-    means = np.empty(num_resamples, dtype=np.float64)
-    for start in range(0, num_resamples, chunk_size):
-        stop = min(start + chunk_size, num_resamples)
-        indices = rng.integers(0, n, size=(stop - start, n))
-        means[start:stop] = values[indices].mean(axis=-1)
-    alpha = 1.0 - confidence
-    low, high = np.quantile(means, [alpha / 2, 1.0 - alpha / 2])
-    return float(low), float(high)
-
 
 def _summarize(
     outcomes: np.ndarray, bootstrap: bool, num_resamples: int, confidence: float, seed: int | None
 ) -> dict[str, float]:
     summary = {"accuracy": float(outcomes.mean())}
     if bootstrap:
-        low, high = _bootstrap_mean_ci(outcomes, num_resamples=num_resamples, confidence=confidence, seed=seed)
+        low, high = bootstrap_ci(outcomes, num_resamples=num_resamples, confidence=confidence, seed=seed)
         summary["accuracy_ci_low"] = low
         summary["accuracy_ci_high"] = high
     return summary
@@ -169,13 +135,7 @@ class PairwiseAccuracy(evaluate.Metric):
         confidence: float = 0.95,
         seed: int | None = 0,
     ) -> dict:
-        if bootstrap:
-            if not 0.0 < confidence < 1.0:
-                raise ValueError(f"`confidence` must be strictly between 0 and 1, got {confidence}.")
-            if num_resamples < 1:
-                raise ValueError(f"`num_resamples` must be at least 1, got {num_resamples}.")
-
-        outcomes = _pairwise_outcomes(chosen_scores, rejected_scores)
+        outcomes = pairwise_outcomes(chosen_scores, rejected_scores)
         result: dict = _summarize(outcomes, bootstrap, num_resamples, confidence, seed)
 
         if groups is not None:
