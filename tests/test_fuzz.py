@@ -335,3 +335,56 @@ def test_fit_users_batches_any_number_of_shots(models, method, shots, data):
     for user, profile in profiles.items():
         assert_profile_on_simplex(profile, num_experts)
         assert profile.num_shots == shots[user]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The text path: random unicode, empty and huge strings, chat messages, through the encoder and PersonalizedReward
+# ----------------------------------------------------------------------------------------------------------------------
+
+_TEXT = st.one_of(st.text(max_size=60), st.just(""), st.just("good " * 400), st.sampled_from(["tell me", "bad one"]))
+_MESSAGES = st.lists(
+    st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant"]), "content": _TEXT}), min_size=1, max_size=2
+)
+_TEXT_MODEL = {}
+
+
+def _text_model():
+    if not _TEXT_MODEL:
+        from tiny import CHAT_TEMPLATE
+
+        torch.manual_seed(0)
+        tokenizer = tiny_tokenizer()
+        tokenizer.chat_template = CHAT_TEMPLATE
+        _TEXT_MODEL.update(tokenizer=tokenizer, model=tiny_moe("llama", tokenizer).eval())
+    return _TEXT_MODEL["model"], _TEXT_MODEL["tokenizer"]
+
+
+@FUZZ
+@given(
+    rows=st.lists(
+        st.one_of(st.tuples(_TEXT, _TEXT), st.tuples(_MESSAGES, _MESSAGES), st.tuples(_TEXT, _MESSAGES)),
+        min_size=1,
+        max_size=4,
+    ),
+    max_length=st.one_of(st.none(), st.integers(2, 40)),
+    user=st.sampled_from([None, "alice", "", float("nan")]),
+)
+def test_text_path_never_gives_nan_or_an_unexpected_error(rows, max_length, user):
+    """Any text: finite rewards, or a ValueError naming the problem (a row mixing text and messages)."""
+    from trl_moe_rm import PersonalizedReward, UserProfile
+
+    model, tokenizer = _text_model()
+    profiles = {"alice": UserProfile(user_id="alice", expert_weights=[0.4, 0.3, 0.2, 0.1])}
+    reward = PersonalizedReward(model, profiles, tokenizer=tokenizer, max_length=max_length)
+    prompts, completions = [row[0] for row in rows], [row[1] for row in rows]
+    mixed = any(isinstance(p, str) != isinstance(c, str) for p, c in rows)
+    if mixed:
+        with pytest.raises(ValueError, match="mixes plain text"):
+            reward(prompts=prompts, completions=completions, user_id=[user] * len(rows))
+        return
+    values = reward(prompts=prompts, completions=completions, user_id=[user] * len(rows))
+    assert len(values) == len(rows) and all(np.isfinite(values))
+    if max_length is not None:
+        for prompt, completion in rows:
+            ids, prompt_length = reward.encoder.encode(prompt, completion)
+            assert len(ids) <= max_length and 0 <= prompt_length <= len(ids)
