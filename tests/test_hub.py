@@ -53,6 +53,9 @@ class FakeHub:
     def install(self, monkeypatch) -> "FakeHub":
         hub = self
 
+        def whoami(api, token=None, **kwargs):
+            return {"name": hub.user}
+
         def create_repo(api, repo_id, *, token=None, private=None, exist_ok=False, **kwargs):
             full = repo_id if "/" in repo_id else f"{hub.user}/{repo_id}"
             hub.created.append({"repo_id": full, "private": private, "token": token, "exist_ok": exist_ok})
@@ -96,6 +99,8 @@ class FakeHub:
             target.mkdir(parents=True, exist_ok=True)
             return str(target)
 
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # the fake Hub is online
+        monkeypatch.setattr(HfApi, "whoami", whoami)
         monkeypatch.setattr(HfApi, "create_repo", create_repo)
         monkeypatch.setattr(HfApi, "create_commit", create_commit)
         monkeypatch.setattr(HfApi, "create_branch", create_branch)

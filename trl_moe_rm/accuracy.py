@@ -166,16 +166,8 @@ def pairwise_accuracy(chosen_scores: ArrayLike, rejected_scores: ArrayLike) -> f
     Fraction of preference pairs where the chosen response gets the higher score.
 
     Ties (`chosen == rejected`) count as half a success (`0.5`), so a model that outputs a constant score gets an
-    accuracy of exactly 0.5, the chance level, instead of 0 (strict `>`) or 1 (`>=`).
-
-    Args:
-        chosen_scores (`ArrayLike`):
-            Scores of the preferred responses, one per pair.
-        rejected_scores (`ArrayLike`):
-            Scores of the dispreferred responses, one per pair, aligned with `chosen_scores`.
-
-    Returns:
-        `float`: The accuracy, in `[0, 1]`.
+    accuracy of exactly 0.5, the chance level, instead of 0 (strict `>`) or 1 (`>=`). The arguments and errors are
+    those of [`pairwise_outcomes`]; the result is the mean of its outcomes, a float in `[0, 1]`.
 
     Raises:
         `ValueError`: If the inputs are empty, not one-dimensional, of different lengths, or contain NaN.

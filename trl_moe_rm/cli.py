@@ -136,7 +136,9 @@ def _check_output_file(path: str, flag: str) -> None:
 
     target = Path(path)
     if target.is_dir():
-        raise IsADirectoryError(f"{flag} {path!r} is a directory; pass a file path, e.g. {path.rstrip('/')}/out.jsonl.")
+        raise IsADirectoryError(
+            f"{flag} {path!r} is a directory; pass a file path, e.g. {path.rstrip('/')}/out.jsonl."
+        )
     parent = target.parent if str(target.parent) else Path(".")
     if parent.exists() and not parent.is_dir():
         raise NotADirectoryError(f"{flag} {path!r}: {str(parent)!r} is a file, not a folder; pass a path in a folder.")
@@ -228,7 +230,11 @@ def _run_score(args: argparse.Namespace) -> int:
         raise ValueError("Scoring for users needs --profiles <ProfileStore directory> (rows carry a `user_id`).")
     model, tokenizer = _load_model_and_tokenizer(args.model)
     reward = PersonalizedReward(
-        model, profiles or {}, tokenizer=tokenizer, batch_size=args.batch_size, strict=args.strict,
+        model,
+        profiles or {},
+        tokenizer=tokenizer,
+        batch_size=args.batch_size,
+        strict=args.strict,
         max_length=args.max_length,
     )
     user_ids = [args.user_id if args.user_id is not None else row.get("user_id") for row in rows]

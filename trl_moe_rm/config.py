@@ -122,12 +122,19 @@ class MoERewardConfig(RewardConfig):
     """
 
     num_experts: int = field(default=HEAD_FIELDS["num_experts"], metadata={"help": "Number of expert heads K."})
-    top_k: int = field(default=HEAD_FIELDS["top_k"], metadata={"help": "Experts per sample; num_experts gives a dense mixture."})
-    router_input: str = field(
-        default=HEAD_FIELDS["router_input"], metadata={"help": "What the router reads.", "choices": list(ROUTER_INPUTS)}
+    top_k: int = field(
+        default=HEAD_FIELDS["top_k"], metadata={"help": "Experts per sample; num_experts gives a dense mixture."}
     )
-    router_temperature: float = field(default=HEAD_FIELDS["router_temperature"], metadata={"help": "Temperature of the router softmax."})
-    router_noise_std: float = field(default=HEAD_FIELDS["router_noise_std"], metadata={"help": "Noisy top-k gating std (training only)."})
+    router_input: str = field(
+        default=HEAD_FIELDS["router_input"],
+        metadata={"help": "What the router reads.", "choices": list(ROUTER_INPUTS)},
+    )
+    router_temperature: float = field(
+        default=HEAD_FIELDS["router_temperature"], metadata={"help": "Temperature of the router softmax."}
+    )
+    router_noise_std: float = field(
+        default=HEAD_FIELDS["router_noise_std"], metadata={"help": "Noisy top-k gating std (training only)."}
+    )
     router_gradient: str = field(
         default=HEAD_FIELDS["router_gradient"],
         metadata={
@@ -135,8 +142,12 @@ class MoERewardConfig(RewardConfig):
             "choices": list(ROUTER_GRADIENTS),
         },
     )
-    expert_type: str = field(default=HEAD_FIELDS["expert_type"], metadata={"help": "Expert head type.", "choices": list(EXPERT_TYPES)})
-    expert_hidden_size: int = field(default=HEAD_FIELDS["expert_hidden_size"], metadata={"help": "Hidden width of MLP experts."})
+    expert_type: str = field(
+        default=HEAD_FIELDS["expert_type"], metadata={"help": "Expert head type.", "choices": list(EXPERT_TYPES)}
+    )
+    expert_hidden_size: int = field(
+        default=HEAD_FIELDS["expert_hidden_size"], metadata={"help": "Hidden width of MLP experts."}
+    )
     pooling: str | None = field(
         default=HEAD_FIELDS["pooling"],
         metadata={
@@ -200,7 +211,9 @@ class MoERewardConfig(RewardConfig):
                 raise ValueError(f"`{name}` must be one of {list(choices)}, got {getattr(self, name)!r}.")
         if self.expert_init is not None:
             if self.expert_init not in EXPERT_INITS:
-                raise ValueError(f"`expert_init` must be None or one of {list(EXPERT_INITS)}, got {self.expert_init!r}.")
+                raise ValueError(
+                    f"`expert_init` must be None or one of {list(EXPERT_INITS)}, got {self.expert_init!r}."
+                )
             if self.expert_type != "linear":
                 raise ValueError(
                     f"`expert_init={self.expert_init!r}` initialises linear experts; got `expert_type="

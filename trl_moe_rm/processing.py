@@ -150,7 +150,9 @@ class Truncation:
         floor = min(len(prompt_ids), max(lead + 1, 1), limit - 1)
         room = max(limit - len(response_ids), floor)
         if room < len(prompt_ids):
-            prompt_ids = prompt_ids[:lead] + prompt_ids[len(prompt_ids) - (room - lead) :] if room > lead else prompt_ids[:room]
+            prompt_ids = (
+                prompt_ids[:lead] + prompt_ids[len(prompt_ids) - (room - lead) :] if room > lead else prompt_ids[:room]
+            )
             self.prompts_cut += 1
         keep = limit - len(prompt_ids)
         if keep < len(response_ids):
@@ -263,7 +265,9 @@ class RowEncoder:
         conversational = check_row_shape(example, (PROMPT_COLUMN, *PREFERENCE_COLUMNS))
         for column in PREFERENCE_COLUMNS:
             if column not in example or example[column] is None:
-                raise ValueError(f"A preference pair needs `chosen` and `rejected`, got the columns {sorted(example)}.")
+                raise ValueError(
+                    f"A preference pair needs `chosen` and `rejected`, got the columns {sorted(example)}."
+                )
             text = example[column]
             content = text if isinstance(text, str) else " ".join(str(m.get("content", "")) for m in text)
             if not content.strip():
@@ -276,7 +280,11 @@ class RowEncoder:
             prompt = example[PROMPT_COLUMN]
             chosen, chosen_length = self.encode(prompt, example["chosen"])
             rejected, rejected_length = self.encode(prompt, example["rejected"])
-            return {"chosen_ids": chosen, "rejected_ids": rejected, "prompt_length": min(chosen_length, rejected_length)}
+            return {
+                "chosen_ids": chosen,
+                "rejected_ids": rejected,
+                "prompt_length": min(chosen_length, rejected_length),
+            }
         rendered = maybe_apply_chat_template({key: example[key] for key in PREFERENCE_COLUMNS}, self.tokenizer)
         chosen = self._tokenize(rendered["chosen"], not conversational)
         rejected = self._tokenize(rendered["rejected"], not conversational)

@@ -236,7 +236,12 @@ def score(
         return torch.zeros(0)
     scorer = model.for_user(user) if user is not None else model
     outputs = run_model(
-        scorer, [ids for ids, _ in encoded], [length for _, length in encoded], encoder.pad_token_id, batch_size, device
+        scorer,
+        [ids for ids, _ in encoded],
+        [length for _, length in encoded],
+        encoder.pad_token_id,
+        batch_size,
+        device,
     )
     return check_finite(outputs["logits"], "score", model_dtype(model), nonfinite_value)
 

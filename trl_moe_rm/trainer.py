@@ -182,9 +182,13 @@ class MoERewardTrainer(RewardTrainer):
         self._feature_bank = None
         if args.cache_features:
             if not args.freeze_backbone:
-                raise ValueError("`cache_features=True` needs `freeze_backbone=True`: a trained backbone changes its features.")
+                raise ValueError(
+                    "`cache_features=True` needs `freeze_backbone=True`: a trained backbone changes its features."
+                )
             if peft_config is not None or is_peft_model(model):
-                raise ValueError("`cache_features=True` cannot be combined with PEFT: the adapters change the features.")
+                raise ValueError(
+                    "`cache_features=True` cannot be combined with PEFT: the adapters change the features."
+                )
             if not args.disable_dropout:
                 logger.warning(
                     "`cache_features=True` encodes the data once, in eval mode: the backbone's dropout is not applied, "
@@ -296,7 +300,9 @@ class MoERewardTrainer(RewardTrainer):
             store.save_many(profiles.values())
         return profiles
 
-    def _user_mixture(self, user_ids: list | None, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _user_mixture(
+        self, user_ids: list | None, reference: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """`(weights (B, K), known (B,))` of the batch's rows whose user has learned weights; `None` if none has."""
         if self.user_weight_logits is None or user_ids is None:
             return None
@@ -328,7 +334,9 @@ class MoERewardTrainer(RewardTrainer):
             _check_margins(dataset)
         if all(column in columns for column in TOKENIZED_COLUMNS):
             if "prompt_length" not in columns:
-                dataset = dataset.map(_prompt_length_from_common_prefix, **self._map_kwargs(dataset, args, dataset_name))
+                dataset = dataset.map(
+                    _prompt_length_from_common_prefix, **self._map_kwargs(dataset, args, dataset_name)
+                )
             return self._maybe_cache_features(self._filter_max_length(dataset, args, dataset_name), args)
         missing = [column for column in PREFERENCE_COLUMNS if column not in columns]
         if missing:
@@ -434,7 +442,14 @@ class MoERewardTrainer(RewardTrainer):
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
-            self._signature_columns = ["chosen_ids", "rejected_ids", "margin", "prompt_length", "user_id", "feature_row"]
+            self._signature_columns = [
+                "chosen_ids",
+                "rejected_ids",
+                "margin",
+                "prompt_length",
+                "user_id",
+                "feature_row",
+            ]
 
     # ------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -591,7 +606,9 @@ class MoERewardTrainer(RewardTrainer):
         mode = "train" if self.model.training else "eval"
         metrics = {key: sum(values) / len(values) for key, values in self._metrics[mode].items() if values}
         if mode == "eval":
-            prefix = next((key[: -len("_loss")] for key in logs if key.startswith("eval") and key.endswith("_loss")), "eval")
+            prefix = next(
+                (key[: -len("_loss")] for key in logs if key.startswith("eval") and key.endswith("_loss")), "eval"
+            )
             metrics = {f"{prefix}_{key}": value for key, value in metrics.items()}
         logs.update(metrics)
         super(RewardTrainer, self).log(logs, start_time)
