@@ -19,7 +19,7 @@ python recipes/grpo_personalized.py \
     --output_dir Qwen2.5-0.5B-GRPO-personalized \
     --per_device_train_batch_size 16 --num_generations 8 --max_completion_length 256 --learning_rate 1e-6
 
-accelerate launch --config_file recipes/accelerate/zero3.yaml recipes/grpo_personalized.py --config my_grpo.yaml
+accelerate launch --config_file trl_moe_rm/accelerate_configs/zero3.yaml recipes/grpo_personalized.py --config my_grpo.yaml
 ```
 
 See docs/rl.md.

@@ -23,7 +23,7 @@ python recipes/rloo_personalized.py \
     --per_device_train_batch_size 16 --num_generations 8 --max_completion_length 256 --learning_rate 1e-6
 
 # DeepSpeed ZeRO-3 (the reward model is gathered into a full copy on every process)
-accelerate launch --config_file recipes/accelerate/zero3.yaml recipes/rloo_personalized.py --config my_rloo.yaml
+accelerate launch --config_file trl_moe_rm/accelerate_configs/zero3.yaml recipes/rloo_personalized.py --config my_rloo.yaml
 ```
 
 See docs/rl.md.

@@ -9,7 +9,7 @@ Train a sparse Mixture-of-Experts reward model (thin launcher around `trl_moe_rm
 
 ```bash
 python recipes/train_moe_rm.py --config recipes/configs/minilm_controlled.yaml
-accelerate launch --config_file recipes/accelerate/zero3.yaml recipes/train_moe_rm.py \
+accelerate launch --config_file trl_moe_rm/accelerate_configs/zero3.yaml recipes/train_moe_rm.py \
     --config recipes/configs/qwen2.5-0.5b_ultrafeedback.yaml
 ```
 

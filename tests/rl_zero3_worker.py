@@ -1,6 +1,6 @@
 """
 Worker side of `test_rloo_runs_under_deepspeed_zero3` (tests/test_rl_e2e.py), run once per rank by `accelerate launch`
-with `recipes/accelerate/cpu_zero3.yaml`.
+with `trl_moe_rm/accelerate_configs/cpu_zero3.yaml`.
 
 It creates the `RLOOConfig` first (which, under the ZeRO-3 accelerate config with `zero3_init_flag: true`, makes
 `from_pretrained` build models inside `deepspeed.zero.Init`), then loads the MoE reward model, builds a

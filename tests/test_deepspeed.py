@@ -2,7 +2,7 @@
 DeepSpeed ZeRO-2 / ZeRO-3 correctness of MoE reward training, on CPU (gloo), two processes.
 
 Each launch runs the real training script (`trl_moe_rm.scripts.train.main`) under
-`accelerate launch --config_file recipes/accelerate/cpu_zero{2,3}.yaml` through `tests/deepspeed_worker.py`, which
+`accelerate launch --config_file trl_moe_rm/accelerate_configs/cpu_zero{2,3}.yaml` through `tests/deepspeed_worker.py`, which
 records what happens inside the run (see its docstring). Five launches cover everything:
 
 - `zero3`: ZeRO-3 with `zero3_init_flag: true`, the model given as a string (a backbone folder), top-2 of 4 experts,
@@ -68,7 +68,7 @@ def _launch(name: str, stage: int, workdir: Path, inputs: dict[str, str], *args:
     probe_dir = workdir / f"{name}-probe"
     command = [
         sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", str(REPO / "recipes" / "accelerate" / f"cpu_zero{stage}.yaml"),
+        "--config_file", str(REPO / "trl_moe_rm" / "accelerate_configs" / f"cpu_zero{stage}.yaml"),
         "--main_process_port", str(_free_port()),
         str(WORKER), "--probe_dir", str(probe_dir),
         *[arg.format(**inputs) for arg in COMMON_ARGS], *args,

@@ -176,3 +176,15 @@ def test_token_type_ids_from_a_bert_tokenizer_are_accepted():
             paired = model(**inputs, prompt_lengths=torch.tensor([3, 3]), paired=True).logits
         torch.testing.assert_close(typed, plain)
         assert paired.shape == (2, 1)
+
+
+def test_truncated_pairs_keep_one_prompt_for_both_rows():
+    """The prompt is cut for the longer response of a pair, so both rows route on the same prompt tokens."""
+    tokenizer = tiny_tokenizer()
+    encoder = RowEncoder(tokenizer, max_length=9)
+    pair = encoder.encode_preference(
+        {"prompt": "tell me about the cat and the dog", "chosen": "good", "rejected": "bad one two three four"}
+    )
+    length = pair["prompt_length"]
+    assert pair["chosen_ids"][:length] == pair["rejected_ids"][:length]
+    assert len(pair["rejected_ids"]) == 9 and len(pair["chosen_ids"]) < 9

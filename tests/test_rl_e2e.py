@@ -308,7 +308,7 @@ PROBE_ROWS = [
 @pytest.mark.skipif(find_spec("deepspeed") is None, reason="needs deepspeed (pip install 'trl-moe-rm[deepspeed]')")
 def test_rloo_runs_under_deepspeed_zero3(reward_model, tokenizer, tmp_path):
     """
-    Two CPU processes, `recipes/accelerate/cpu_zero3.yaml` (`zero3_init_flag: true`). The worker loads the reward
+    Two CPU processes, `trl_moe_rm/accelerate_configs/cpu_zero3.yaml` (`zero3_init_flag: true`). The worker loads the reward
     model after creating `RLOOConfig`, so `from_pretrained` builds it partitioned inside `deepspeed.zero.Init`;
     `PersonalizedReward` gathers it back and scores as the unpartitioned model does, then RLOO trains 3 steps.
     """
@@ -333,7 +333,7 @@ def test_rloo_runs_under_deepspeed_zero3(reward_model, tokenizer, tmp_path):
     out = tmp_path / "out"
     command = [
         sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", str(REPO / "recipes" / "accelerate" / "cpu_zero3.yaml"),
+        "--config_file", str(REPO / "trl_moe_rm" / "accelerate_configs" / "cpu_zero3.yaml"),
         "--main_process_port", str(_free_port()),
         str(REPO / "tests" / "rl_zero3_worker.py"), "--inputs", str(inputs), "--output_dir", str(out),
     ]  # fmt: skip

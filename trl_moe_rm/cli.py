@@ -490,13 +490,30 @@ def _run_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(argv: list[str]) -> int:
+    """`trl-moe-rm train`: in this process, or through `accelerate launch` with `--accelerate_config` / `--num_processes`."""
+    from .launch import LAUNCH_FLAGS, launch_training
+    from .scripts.train import cli as train_cli
+
+    debug = "--debug" in argv
+    argv = [arg for arg in argv if arg != "--debug"]
+    try:
+        if any(arg.split("=", 1)[0] in LAUNCH_FLAGS for arg in argv):
+            return launch_training(argv)
+        train_cli(argv, prog="trl-moe-rm train")
+    except Exception as error:  # one line for the user; `--debug` shows where it came from
+        if debug:
+            raise
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"trl-moe-rm train: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train"]:
-        from .scripts.train import cli as train_cli
-
-        train_cli(argv[1:])
-        return 0
+        return _train(argv[1:])
     parser = argparse.ArgumentParser(prog="trl-moe-rm", description="Sparse Mixture-of-Experts reward models for TRL.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     subparsers.add_parser(

@@ -139,20 +139,28 @@ class Truncation:
             )
 
     def apply(
-        self, prompt_ids: list[int], response_ids: list[int], end_ids: Sequence[int], lead: int
+        self,
+        prompt_ids: list[int],
+        response_ids: list[int],
+        end_ids: Sequence[int],
+        lead: int,
+        longest_response: int | None = None,
     ) -> tuple[list[int], int]:
-        """Cut one (prompt, response) to `max_length` and return `(input_ids, prompt_length)`."""
+        """
+        Cut one (prompt, response) to `max_length` and return `(input_ids, prompt_length)`. `longest_response` (the
+        longest response sharing this prompt, e.g. both of a pair) makes the prompt cut the same for all of them.
+        """
         self.rows += 1
         limit = self.max_length
-        if limit is None or len(prompt_ids) + len(response_ids) <= limit:
+        longest = max(len(response_ids), longest_response or 0)
+        if limit is None or len(prompt_ids) + longest <= limit:
             return prompt_ids + response_ids, len(prompt_ids)
         # Keep the prompt's leading special tokens and at least one prompt token, then as much of its end as fits.
-        floor = min(len(prompt_ids), max(lead + 1, 1), limit - 1)
-        room = max(limit - len(response_ids), floor)
+        floor = min(len(prompt_ids), lead + 1, limit - 1)
+        room = max(limit - longest, floor)
         if room < len(prompt_ids):
-            prompt_ids = (
-                prompt_ids[:lead] + prompt_ids[len(prompt_ids) - (room - lead) :] if room > lead else prompt_ids[:room]
-            )
+            tail = prompt_ids[len(prompt_ids) - (room - lead) :] if room > lead else []
+            prompt_ids = prompt_ids[: min(lead, room)] + tail
             self.prompts_cut += 1
         keep = limit - len(prompt_ids)
         if keep < len(response_ids):
@@ -239,10 +247,16 @@ class RowEncoder:
         full = self._with_end(prompt_ids + response_ids)
         return list(prompt_ids), full[len(prompt_ids) :], False
 
-    def encode(self, prompt: Any, response: Any) -> tuple[list[int], int]:
-        """`(input_ids, prompt_length)` of one (prompt, response) row, truncated to `max_length`."""
+    def encode(self, prompt: Any, response: Any, longest_response: int | None = None) -> tuple[list[int], int]:
+        """
+        `(input_ids, prompt_length)` of one (prompt, response) row, truncated to `max_length`. With
+        `longest_response` (in tokens), the prompt is cut as for a response of that length, so that rows sharing a
+        prompt keep the same prompt tokens.
+        """
         prompt_ids, response_ids, _ = self.tokenize(prompt, response)
-        ids, prompt_length = self.truncation.apply(prompt_ids, response_ids, self.end_ids, self._lead(prompt_ids))
+        ids, prompt_length = self.truncation.apply(
+            prompt_ids, response_ids, self.end_ids, self._lead(prompt_ids), longest_response
+        )
         if not ids:  # an empty prompt and response, with a tokenizer adding nothing: score one end / pad token
             ids = list(self.end_ids) or [self.pad_token_id]
         return ids, prompt_length
@@ -278,13 +292,13 @@ class RowEncoder:
                 )
         if PROMPT_COLUMN in example and example[PROMPT_COLUMN] is not None:
             prompt = example[PROMPT_COLUMN]
-            chosen, chosen_length = self.encode(prompt, example["chosen"])
-            rejected, rejected_length = self.encode(prompt, example["rejected"])
-            return {
-                "chosen_ids": chosen,
-                "rejected_ids": rejected,
-                "prompt_length": min(chosen_length, rejected_length),
-            }
+            # Both rows keep the same prompt tokens: the prompt is cut for the longer response of the pair.
+            longest = None
+            if self.max_length is not None:
+                longest = max(len(self.tokenize(prompt, example[column])[1]) for column in PREFERENCE_COLUMNS)
+            chosen, prompt_length = self.encode(prompt, example["chosen"], longest)
+            rejected, _ = self.encode(prompt, example["rejected"], longest)
+            return {"chosen_ids": chosen, "rejected_ids": rejected, "prompt_length": prompt_length}
         rendered = maybe_apply_chat_template({key: example[key] for key in PREFERENCE_COLUMNS}, self.tokenizer)
         chosen = self._tokenize(rendered["chosen"], not conversational)
         rejected = self._tokenize(rendered["rejected"], not conversational)

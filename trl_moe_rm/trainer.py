@@ -1,8 +1,10 @@
 """[`MoERewardTrainer`]: TRL's `RewardTrainer` for sparse Mixture-of-Experts reward models."""
 
+import logging as logging_std
 import os
 from collections import Counter
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -140,7 +142,8 @@ class MoERewardTrainer(RewardTrainer):
                 "`MoERewardConfig(output_dir=..., **your_reward_config_kwargs)`."
             )
 
-        if isinstance(model, str):
+        built_from_name = isinstance(model, str)
+        if built_from_name:
             set_seed(args.seed)
             model_init_kwargs = dict(args.model_init_kwargs or {})
             model_init_kwargs.setdefault("dtype", torch.float32)
@@ -205,20 +208,11 @@ class MoERewardTrainer(RewardTrainer):
             )
         self._cache_collator = data_collator
 
-        super().__init__(
-            model=model,
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            compute_metrics=compute_metrics,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
-            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
-            peft_config=peft_config,
-        )
+        with _UsedModelInitKwargsFilter() if built_from_name else nullcontext():
+            self._init_reward_trainer(
+                model, args, data_collator, train_dataset, eval_dataset, processing_class, compute_metrics,
+                callbacks, optimizers, optimizer_cls_and_kwargs, preprocess_logits_for_metrics, peft_config,
+            )  # fmt: skip
         if args.should_save and not os.access(args.output_dir, os.W_OK | os.X_OK):
             raise PermissionError(
                 f"`output_dir` {args.output_dir!r} is not writable, so no checkpoint or model could be saved: choose "
@@ -233,6 +227,14 @@ class MoERewardTrainer(RewardTrainer):
             self._init_experts_from_pca(args)
 
     # ------------------------------------------------------------------ user weights & expert initialisation
+    def _init_reward_trainer(self, model, args, *rest) -> None:
+        """`RewardTrainer.__init__`, with the trainer's positional arguments after `model` and `args`."""
+        names = (
+            "data_collator", "train_dataset", "eval_dataset", "processing_class", "compute_metrics", "callbacks",
+            "optimizers", "optimizer_cls_and_kwargs", "preprocess_logits_for_metrics", "peft_config",
+        )  # fmt: skip
+        super().__init__(model=model, args=args, **dict(zip(names, rest)))
+
     def _init_user_weights(self, args: MoERewardConfig) -> None:
         if self.is_deepspeed_enabled or self.is_fsdp_enabled or args.world_size > 1:
             raise ValueError(
@@ -699,6 +701,26 @@ class MoERewardTrainer(RewardTrainer):
             **optimizer_kwargs,
         )
         return self.optimizer
+
+
+class _UsedModelInitKwargsFilter(logging_std.Filter):
+    """
+    Drops TRL's "You passed `model_init_kwargs` ... will be ignored" while the trainer initialises: this trainer builds
+    the MoE model from the backbone name with those kwargs itself, then hands `RewardTrainer` the built model, so they
+    were used (TRL 1.x warns whenever `args.model_init_kwargs` is set and the model is not a string).
+    """
+
+    _LOGGER = "trl.trainer.reward_trainer"
+
+    def filter(self, record: logging_std.LogRecord) -> bool:
+        return "`model_init_kwargs` will be ignored" not in record.getMessage()
+
+    def __enter__(self) -> "_UsedModelInitKwargsFilter":
+        logging_std.getLogger(self._LOGGER).addFilter(self)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        logging_std.getLogger(self._LOGGER).removeFilter(self)
 
 
 def _warn_ignored_model_kwargs(args: MoERewardConfig, config: Any) -> None:

@@ -6,7 +6,7 @@ Train a sparse Mixture-of-Experts reward model, following TRL's `trl/scripts/rew
 python recipes/train_moe_rm.py --config recipes/configs/minilm_controlled.yaml
 
 # DeepSpeed ZeRO-3 on 8 GPUs
-accelerate launch --config_file recipes/accelerate/zero3.yaml recipes/train_moe_rm.py \
+accelerate launch --config_file trl_moe_rm/accelerate_configs/zero3.yaml recipes/train_moe_rm.py \
     --config recipes/configs/qwen2.5-0.5b_ultrafeedback.yaml
 
 # Any option as a flag (flags override the YAML file)
@@ -29,14 +29,15 @@ import difflib
 import importlib
 import os
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from transformers import AutoConfig, AutoTokenizer, TrainerCallback
 from transformers.utils import logging
-from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
+from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser, get_dataset, get_peft_config
 
 from ..config import MoERewardConfig
-from ..data.loading import load_preference_dataset
+from ..data.loading import check_preference_columns, load_preference_dataset
 from ..trainer import MoERewardTrainer
 
 
@@ -53,6 +54,16 @@ absolute path.
 """
 
 RESUME_FROM_LAST = ("true", "last", "latest")
+
+
+@dataclass
+class MoEScriptArguments(ScriptArguments, DatasetMixtureConfig):
+    r"""
+    TRL's [`~trl.ScriptArguments`] (`dataset_name`, splits, streaming) together with its dataset mixture
+    ([`~trl.DatasetMixtureConfig`]: `datasets`, a list of `{path, name, data_dir, data_files, split, columns}`
+    entries mixed into one dataset, `streaming`, `test_split_size`), as `trl reward` takes them. Give either
+    `dataset_name` or `datasets`.
+    """
 
 
 class MoETrlParser(TrlParser):
@@ -107,7 +118,7 @@ def make_parser(subparsers: "argparse._SubParsersAction | None" = None, prog: st
         prog (`str`, *optional*):
             Program name shown in `--help`.
     """
-    dataclass_types = (ScriptArguments, MoERewardConfig, ModelConfig)
+    dataclass_types = (MoEScriptArguments, MoERewardConfig, ModelConfig)
     if subparsers is not None:
         return subparsers.add_parser(
             "train", help="Train a Mixture-of-Experts reward model", dataclass_types=dataclass_types
@@ -116,10 +127,10 @@ def make_parser(subparsers: "argparse._SubParsersAction | None" = None, prog: st
 
 
 def parse_args(
-    args: Iterable[str] | None = None,
-) -> tuple[ScriptArguments, MoERewardConfig, ModelConfig]:
+    args: Iterable[str] | None = None, prog: str | None = None
+) -> tuple[MoEScriptArguments, MoERewardConfig, ModelConfig]:
     """Parse command-line flags (and the optional `--config` YAML file) into the three argument dataclasses."""
-    parser = make_parser()
+    parser = make_parser(prog=prog)
     script_args, training_args, model_args = parser.parse_args_and_config(args=args)
     return script_args, training_args, model_args
 
@@ -176,11 +187,14 @@ def main(
     """
     if not model_args.model_name_or_path:
         raise ValueError("Pass the backbone with `--model_name_or_path` (e.g. Qwen/Qwen2.5-0.5B-Instruct).")
-    if not script_args.dataset_name:
+    mixture = getattr(script_args, "datasets", None)
+    if not script_args.dataset_name and not mixture:
         raise ValueError(
             "Pass the preference data with `--dataset_name`: a Hub id (e.g. trl-lib/ultrafeedback_binarized) or a "
-            "local .json / .jsonl / .parquet file or folder."
+            "local .json / .jsonl / .parquet / .csv file or folder; or a `datasets:` mixture in the --config file."
         )
+    if script_args.dataset_name and mixture:
+        raise ValueError("Give the data either as `dataset_name` or as a `datasets:` mixture, not both.")
     if model_args.load_in_4bit or model_args.load_in_8bit:
         raise ValueError(
             "Quantized backbones (`load_in_4bit` / `load_in_8bit`) are not supported by this script yet; use bf16 "
@@ -197,9 +211,13 @@ def main(
     model_init_kwargs.update(training_args.model_init_kwargs or {})
     training_args.model_init_kwargs = model_init_kwargs
 
-    dataset = load_preference_dataset(
-        script_args.dataset_name, config=script_args.dataset_config, streaming=script_args.dataset_streaming
-    )
+    if mixture:
+        dataset = get_dataset(script_args)  # TRL's mixture loader, as `trl reward`
+        check_preference_columns(dataset, "the `datasets:` mixture")
+    else:
+        dataset = load_preference_dataset(
+            script_args.dataset_name, config=script_args.dataset_config, streaming=script_args.dataset_streaming
+        )
     train_dataset = _split(dataset, script_args.dataset_train_split, script_args.dataset_name, "dataset_train_split")
     eval_dataset = None
     if training_args.eval_strategy != "no":
@@ -274,10 +292,23 @@ def _peft_config(model_args: ModelConfig, model_name: str, model_init_kwargs: di
     return peft_config
 
 
-def cli(args: Iterable[str] | None = None) -> None:
-    """Entry point of `recipes/train_moe_rm.py`: parse the arguments and train."""
+def cli(args: Iterable[str] | None = None, prog: str | None = None) -> None:
+    """Entry point of `trl-moe-rm train`, `python -m trl_moe_rm.scripts.train` and `recipes/train_moe_rm.py`."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    main(*parse_args(args))
+    main(*parse_args(args, prog=prog))
 
 
-__all__ = ["MODEL_ALIASES", "MoETrlParser", "cli", "main", "make_parser", "parse_args", "resolve_model_name_or_path"]
+__all__ = [
+    "MODEL_ALIASES",
+    "MoEScriptArguments",
+    "MoETrlParser",
+    "cli",
+    "main",
+    "make_parser",
+    "parse_args",
+    "resolve_model_name_or_path",
+]
+
+
+if __name__ == "__main__":
+    cli(prog="python -m trl_moe_rm.scripts.train")
