@@ -287,8 +287,12 @@ class PairTokenizer:
     Tokenizes preference pairs with [`~trl_moe_rm.processing.RowEncoder`], the package's one text-to-ids path, so
     exactly as [`MoERewardTrainer`] does, but truncating to `max_length` instead of dropping the longer rows: the prompt
     loses tokens from the left first and the response is kept. Empty responses are kept (counted in
-    `empty_responses`). Each distinct (prompt, response) is encoded once and numbered in `sequences`, so that its
-    features are computed once.
+    `empty_responses`). Each distinct (prompt, response) is encoded once and kept in `sequences`, so that its features
+    are computed once.
+
+    The prompt of a row is cut to make room for its own response, so the two rows of a pair can keep different numbers
+    of prompt tokens (counted in `uneven_prompts`); the router then reads the first `prompt_length` tokens of the
+    chosen row, which depend on the responses.
 
     Args:
         tokenizer ([`~transformers.PreTrainedTokenizerBase`]):
@@ -301,6 +305,7 @@ class PairTokenizer:
         self.encoder = RowEncoder(tokenizer, max_length=max_length)
         self.sequences: dict[tuple[str, str], tuple[list[int], int]] = {}
         self.empty_responses = 0
+        self.uneven_prompts = 0
 
     def _encode(self, prompt: str, response: str) -> tuple[list[int], int]:
         if (prompt, response) not in self.sequences:
@@ -330,6 +335,7 @@ class PairTokenizer:
             columns["chosen_ids"].append(chosen_ids)
             columns["rejected_ids"].append(rejected_ids)
             columns["prompt_length"].append(min(chosen_prompt_length, rejected_prompt_length))
+            self.uneven_prompts += int(chosen_prompt_length != rejected_prompt_length)
         return Dataset.from_dict(columns)
 
 
@@ -880,11 +886,14 @@ def run_dataset(
         "truncated_prompts": truncation.prompts_cut,
         "truncated_responses": truncation.responses_cut,
         "empty_responses": pair_tokenizer.empty_responses,
+        "uneven_prompt_pairs": pair_tokenizer.uneven_prompts,
     }
     truncated = (
         f"{preprocessing['truncated_prompts']} of the {preprocessing['distinct_sequences']} distinct (prompt, response) "
-        f"sequences lost prompt tokens (from the left) and {preprocessing['truncated_responses']} response tokens to "
-        f"fit in {config.max_length} tokens"
+        f"sequences lost prompt tokens (from the left) to fit in {config.max_length} tokens, "
+        f"{preprocessing['truncated_responses']} of them response tokens too; in "
+        f"{preprocessing['uneven_prompt_pairs']} of the {len(split['train']) + len(split['test'])} pairs the two "
+        "responses keep different numbers of prompt tokens"
     )
     print(f"[{name}] {len(split['train'])} train / {len(split['test'])} test pairs; {truncated}", flush=True)
     pad_token_id = pair_tokenizer.encoder.pad_token_id
@@ -951,7 +960,10 @@ def run_dataset(
             f"{identical} of the {len(test)} test pairs have identical chosen and rejected texts (one response "
             "written for two domains); every model ties on them, which counts 0.5.",
             f"Sanity checks: max |pooled accuracy - 0.5| = {pooled:.4f} and max prompt-routing NMI = {prompt_nmi:.4f} "
-            "over the models (both are 0.5 / 0 by construction: the query does not reveal the domain).",
+            "over the models. Both are 0.5 / 0 by construction when the router reads the query alone (the query does "
+            "not reveal the domain); truncation breaks that for the pairs whose two responses keep different numbers "
+            f"of prompt tokens ({preprocessing['uneven_prompt_pairs']} here): the router then reads a prompt cut to "
+            "fit the responses.",
             "Specialisation: Hungarian-matched mean |Spearman rho| between the experts' reward differences and the "
             "domain-style differences (+1 chosen domain, -1 rejected domain); it matches min(K, 4) experts, so the "
             "single head's value is its best |rho| over the 4 domains.",
@@ -973,8 +985,9 @@ def run_dataset(
     )
     if dsp:
         notes.append(
-            "The pair-level accuracy interval is sampling noise only: every query's 12 pairs score exactly 0.5 for a "
-            "prompt-routed model, so the interval resampling queries is [0.5, 0.5]."
+            "The pair-level accuracy interval is sampling noise only: when the router reads the query alone, every "
+            "query's 12 pairs score exactly 0.5 for a prompt-routed model, so the interval resampling queries is "
+            "[0.5, 0.5]."
         )
     notes.append(
         "Chance: mean NMI / purity when the categories are shuffled "

@@ -20,9 +20,10 @@ from transformers import AutoTokenizer, PrinterCallback
 from transformers.utils import logging
 
 from trl_moe_rm import MoERewardConfig, MoERewardModel, MoERewardTrainer
-from trl_moe_rm.analysis import analysis_report, scores_from_features
-from trl_moe_rm.data.controlled import make_controlled_dataset, train_test_split_by_prompt
+from trl_moe_rm.data.controlled import ATTRIBUTES, make_controlled_dataset, train_test_split_by_prompt
 from trl_moe_rm.demo import minilm_path
+from trl_moe_rm.report import analysis_report
+from trl_moe_rm.scoring import scores_from_features
 
 
 BASE = {"num_experts": 8, "top_k": 2, "balance_coef": 0.01, "balance_type": "switch"}
@@ -95,7 +96,7 @@ def run(settings, split, tokenizer, backbone, seed, epochs, learning_rate, cache
         trainer.remove_callback(PrinterCallback)
         trainer.train()
         scores = scores_from_features(trainer.model, trainer.cached_features(trainer.eval_dataset))
-    report = analysis_report(scores, split["test"], metrics=list(METRICS))
+    report = analysis_report(scores, split["test"], metrics=list(METRICS), attribute_names=ATTRIBUTES)
     return {key: report[key] for key in METRICS}
 
 

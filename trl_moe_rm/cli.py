@@ -69,7 +69,7 @@ def _read_pairs(path: str):
 
 
 def _run_personalize(args: argparse.Namespace) -> int:
-    from .analysis import score_pairs
+    from .scoring import score_pairs
     from .personalization import expert_pair_scores, fit_user_weights, weight_shift
     from .profiles import ProfileStore
 
