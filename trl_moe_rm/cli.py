@@ -69,9 +69,9 @@ def _read_pairs(path: str):
 
 
 def _run_personalize(args: argparse.Namespace) -> int:
-    from .scoring import score_pairs
     from .personalization import expert_pair_scores, fit_user_weights, weight_shift
     from .profiles import ProfileStore
+    from .scoring import score_pairs
 
     store = ProfileStore(args.store) if args.store else None  # fails early on an unwritable path
     model, tokenizer = _load_model_and_tokenizer(args.model)

@@ -14,21 +14,19 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 from transformers import (
-    AutoModelForSequenceClassification,
     AutoTokenizer,
     PrinterCallback,
     TrainerCallback,
     set_seed,
 )
 from transformers.utils import logging
-from trl import RewardConfig, RewardTrainer
 
 from .config import MoERewardConfig
 from .data.controlled import ATTRIBUTE_MARKERS, ATTRIBUTES, make_controlled_dataset, train_test_split_by_prompt
 from .modeling_moe_reward import MoERewardModel
 from .plots import plot_expert_attribute_heatmap, plot_routing_entropy, plot_routing_heatmap
 from .report import analysis_report
-from .scoring import PairScores, scores_from_features
+from .scoring import scores_from_features
 from .trainer import MoERewardTrainer
 
 
@@ -37,6 +35,8 @@ MODEL_NAMES = ("single_head", "dense_moe", "sparse_moe_no_diversity", "sparse_mo
 # `top_k` and `router_gradient` configure the model, the rest the trainer. The sparse MoEs use the straight-through
 # router gradient and decorrelated experts: the choices of the ablation in docs/benchmarks.md.
 MOE_SETTINGS: dict[str, dict[str, Any]] = {
+    # One Bradley-Terry head on the same cached features: K=1, so the routing is the constant 1.
+    "single_head": {"num_experts": 1, "top_k": 1, "balance_coef": 0.0, "sparsity_coef": 0.0, "diversity_coef": 0.0},
     "dense_moe": {"top_k": 8, "balance_coef": 0.0, "sparsity_coef": 0.0, "diversity_coef": 0.0},
     "sparse_moe_no_diversity": {
         "top_k": 2,
@@ -56,7 +56,7 @@ MOE_SETTINGS: dict[str, dict[str, Any]] = {
         "diversity_type": "correlation",
     },
 }
-MODEL_SETTINGS = ("top_k", "router_gradient")
+MODEL_SETTINGS = ("num_experts", "top_k", "router_gradient")
 
 
 @dataclass
@@ -164,9 +164,10 @@ def _common_args(config: DemoConfig, output_dir: Path, name: str) -> dict[str, A
 
 def _train_moe(name, config, output_dir, backbone, tokenizer, split) -> tuple[MoERewardTrainer, float]:
     settings = dict(MOE_SETTINGS[name])
-    model_settings = {key: settings.pop(key) for key in MODEL_SETTINGS if key in settings}
+    model_settings = {"num_experts": config.num_experts}
+    model_settings.update({key: settings.pop(key) for key in MODEL_SETTINGS if key in settings})
     set_seed(config.seed)
-    model = MoERewardModel.from_backbone(backbone, num_experts=config.num_experts, **model_settings)
+    model = MoERewardModel.from_backbone(backbone, **model_settings)
     args = MoERewardConfig(
         **_common_args(config, output_dir, name),
         freeze_backbone=True,
@@ -184,42 +185,6 @@ def _train_moe(name, config, output_dir, backbone, tokenizer, split) -> tuple[Mo
     trainer.add_callback(_StepProgress(name))
     trainer.train()
     return trainer, time.perf_counter() - start
-
-
-def _train_single_head(config, output_dir, backbone, tokenizer, split) -> tuple[PairScores, float]:
-    """TRL's own RewardTrainer on the same frozen backbone (only the pooler and the linear head train)."""
-    set_seed(config.seed)
-    model = AutoModelForSequenceClassification.from_pretrained(backbone, num_labels=1)
-    for name, param in model.named_parameters():
-        param.requires_grad = name.startswith(("classifier", "score", "bert.pooler"))
-    args = _common_args(config, output_dir, "single_head")
-    eos = tokenizer.eos_token or tokenizer.sep_token
-    args["eos_token"] = eos
-    start = time.perf_counter()
-    trainer = RewardTrainer(
-        model=model,
-        args=RewardConfig(**args),
-        train_dataset=split["train"].select_columns(["prompt", "chosen", "rejected"]),
-        processing_class=tokenizer,
-    )
-    trainer.remove_callback(PrinterCallback)
-    trainer.add_callback(_StepProgress("single_head"))
-    trainer.train()
-    seconds = time.perf_counter() - start
-    rewards = {}
-    model.eval()
-    test = split["test"]
-    for column in ("chosen", "rejected"):
-        texts = [prompt + response + eos for prompt, response in zip(test["prompt"], test[column])]
-        values = []
-        with torch.inference_mode():
-            for start in range(0, len(texts), 64):
-                batch = tokenizer(texts[start : start + 64], padding=True, return_tensors="pt").to(model.device)
-                values.append(model(**batch).logits[:, 0].float().cpu())
-        rewards[column] = torch.cat(values).numpy().astype(np.float64)
-    ones = np.ones((len(test), 1))
-    scores = PairScores.from_expert_rewards(rewards["chosen"][:, None], rewards["rejected"][:, None], ones)
-    return scores, seconds
 
 
 def _row(report: dict[str, Any], seconds: float, routed: bool) -> dict[str, Any]:
@@ -319,19 +284,14 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
     trainers: dict[str, MoERewardTrainer] = {}
     for name in MODEL_NAMES:
         progress.set_postfix_str(f"training {name}")
+        trainer, seconds = _train_moe(name, config, output_dir, backbone, tokenizer, split)
+        scores = scores_from_features(trainer.model, trainer.cached_features(trainer.eval_dataset))
         if name == "single_head":
-            scores, seconds = _train_single_head(config, output_dir, backbone, tokenizer, split)
-            report = analysis_report(
-                scores,
-                split["test"],
-                metrics=["accuracy", "conflict_accuracy", "specialization"],
-                attribute_names=ATTRIBUTES,
-            )
+            metrics = ["accuracy", "conflict_accuracy", "specialization"]
+            report = analysis_report(scores, split["test"], metrics=metrics, attribute_names=ATTRIBUTES)
             models[name] = _row(report, seconds, routed=False)
         else:
-            trainer, seconds = _train_moe(name, config, output_dir, backbone, tokenizer, split)
             trainers[name] = trainer
-            scores = scores_from_features(trainer.model, trainer.cached_features(trainer.eval_dataset))
             report = analysis_report(scores, split["test"], attribute_names=ATTRIBUTES, markers=ATTRIBUTE_MARKERS)
             models[name] = _row(report, seconds, routed=True)
             models[name]["_routing_matrix"] = report["routing_matrix"]

@@ -10,6 +10,7 @@ import pyarrow.compute as pc
 import torch
 from datasets import Dataset
 from safetensors.torch import load_file, save
+from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from .io_utils import atomic_write_bytes
@@ -87,6 +88,7 @@ def encode_preference_dataset(
     batch_size: int = 64,
     device: torch.device | str | None = None,
     cache_dir: str | None = None,
+    disable_tqdm: bool | None = None,
 ) -> dict[str, torch.Tensor]:
     r"""
     Encode a tokenized preference dataset once with the (frozen) backbone.
@@ -106,6 +108,8 @@ def encode_preference_dataset(
             A directory for a safetensors cache keyed by [`features_fingerprint`]: a second run on the same backbone
             and data loads instead of encoding. A corrupt or mismatched cache file is ignored (with a warning) and
             rewritten.
+        disable_tqdm (`bool`, *optional*):
+            Hide the "Encoding" progress bar (the trainer passes its `disable_tqdm`; `TQDM_DISABLE=1` hides it too).
 
     Returns:
         `dict` with `chosen_features`, `rejected_features` and `router_features`, each `(len(dataset), hidden_size)`.
@@ -132,7 +136,9 @@ def encode_preference_dataset(
     # Batches of similar lengths need less padding (the encoding is cheaper); the rows are put back in order below.
     order = _rows_by_length(table)
     blocks: dict[str, list[torch.Tensor]] = {key: [] for key in FEATURE_KEYS}
-    for start in range(0, len(order), batch_size):
+    logger.info(f"Encoding {len(order)} pairs with the frozen backbone (once; training then reads the cache).")
+    batches = range(0, len(order), batch_size)
+    for start in tqdm(batches, desc=f"Encoding {len(order)} pairs", unit="batch", disable=disable_tqdm):
         rows = table[order[start : start + batch_size]]
         examples = [dict(zip(rows, values)) for values in zip(*rows.values())]
         batch = collator(examples)

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate.utils import is_peft_model
+from tqdm.auto import tqdm
 
 from .accuracy import pairwise_accuracy
 from .data.columns import column_names, num_rows, require_columns
@@ -113,6 +114,7 @@ def run_model(
     batch_size: int = 32,
     device: str | torch.device | None = None,
     paired: bool = False,
+    progress: str | None = None,
 ) -> dict[str, torch.Tensor]:
     r"""
     Batched forward pass of a MoE reward model over tokenized rows, in eval mode (no router noise).
@@ -136,6 +138,8 @@ def run_model(
             Where the inputs go. Defaults to the model's device.
         paired (`bool`, *optional*, defaults to `False`):
             Run pairs together (`paired=True` of the model: both rows of a pair share one routing).
+        progress (`str`, *optional*):
+            Show a progress bar with this label when there is more than one batch (`TQDM_DISABLE=1` hides it).
 
     Returns:
         `dict[str, torch.Tensor]`: `logits` `(N,)`, `expert_rewards`, `routing_weights` and `router_logits` `(N, K)`,
@@ -156,7 +160,8 @@ def run_model(
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, num_items, batch_size):
+        starts = range(0, num_items, batch_size)
+        for start in tqdm(starts, desc=progress, unit="batch", disable=progress is None or len(starts) < 2 or None):
             items = order[start : start + batch_size]
             rows = list(items) + ([item + num_items for item in items] if paired else [])
             input_ids, attention_mask = pad_batch([sequences[row] for row in rows], padding_value)
@@ -465,6 +470,7 @@ def score_pairs(
         batch_size,
         device,
         paired=True,
+        progress=f"Scoring {count} pairs",
     )
     check_finite(outputs["logits"], "score_pairs", model_dtype(model))
     return _pair_scores(outputs, count, float(_config(model).router_temperature))
