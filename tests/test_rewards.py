@@ -12,9 +12,9 @@ from transformers import AutoTokenizer
 
 from trl_moe_rm import MoEUserRewardModel, PersonalizedReward, ProfileStore, UserProfile
 from trl_moe_rm.configuration_moe_reward import config_fingerprint
+from trl_moe_rm.processing import tokenize_preference as _tokenize_preference
 from trl_moe_rm.profiles import UnknownUserError
 from trl_moe_rm.rewards import RunningMeanStd, unpartition_zero3
-from trl_moe_rm.processing import tokenize_preference as _tokenize_preference
 
 
 PROMPTS = ["tell me about cat", "explain the moon", "what is alpha", "tell me about cat"]
@@ -405,3 +405,42 @@ def test_partitioned_parameters_without_a_process_group_give_a_clear_error(model
         unpartition_zero3(module)
     plain = torch.nn.Linear(2, 2)
     assert unpartition_zero3(plain) is plain
+
+
+def _normalize_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    import json as json_module
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        stats = RunningMeanStd()
+        # Each rank sees different rewards, and rank 1 an empty batch once: the statistics must still agree.
+        stats.update(torch.tensor([1.0, 2.0, 3.0]) * (rank + 1))
+        stats.update(torch.tensor([10.0 * rank]) if rank == 0 else torch.zeros(0))
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as file:
+            json_module.dump({"count": stats.count, "mean": stats.mean, "std": stats.std}, file)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_normalization_statistics_are_shared_across_processes(tmp_path):
+    """Issue 15: `normalize=True` all-gathers the batch statistics, so every rank applies the same scale."""
+    import json as json_module
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_normalize_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    results = [json_module.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    everything = np.array([1.0, 2.0, 3.0, 2.0, 4.0, 6.0, 0.0])
+    for result in results:
+        assert result["count"] == 7
+        assert result["mean"] == pytest.approx(everything.mean(), abs=1e-12)
+        assert result["std"] == pytest.approx(everything.std(), abs=1e-12)

@@ -48,6 +48,11 @@ class RunningMeanStd:
     r"""
     Running mean and standard deviation of a stream of values (Welford's algorithm, with Chan et al.'s merge of a
     whole batch at once), in float64.
+
+    Under `torch.distributed` (an `accelerate` or `torchrun` run), every process's batch statistics are gathered at
+    each update and merged in rank order, so all ranks hold the same statistics and normalize on the same scale. Every
+    rank must then call [`RunningMeanStd.update`] the same number of times (as each rank of a TRL trainer calls its
+    reward function once per step).
     """
 
     def __init__(self) -> None:
@@ -56,18 +61,18 @@ class RunningMeanStd:
         self._m2 = 0.0
 
     def update(self, values: torch.Tensor) -> None:
-        """Add a batch of values."""
+        """Add a batch of values (of this process; the batches of all processes under `torch.distributed`)."""
         values = values.detach().double().flatten().cpu()
-        batch_count = values.numel()
-        if batch_count == 0:
-            return
-        batch_mean = float(values.mean())
-        batch_m2 = float(((values - batch_mean) ** 2).sum())
-        total = self.count + batch_count
-        delta = batch_mean - self.mean
-        self.mean += delta * batch_count / total
-        self._m2 += batch_m2 + delta * delta * self.count * batch_count / total
-        self.count = total
+        batch_mean = float(values.mean()) if values.numel() else 0.0
+        local = (values.numel(), batch_mean, float(((values - batch_mean) ** 2).sum()))
+        for batch_count, batch_mean, batch_m2 in _gather_statistics(local):
+            if batch_count == 0:
+                continue
+            total = self.count + batch_count
+            delta = batch_mean - self.mean
+            self.mean += delta * batch_count / total
+            self._m2 += batch_m2 + delta * delta * self.count * batch_count / total
+            self.count = int(total)
 
     @property
     def var(self) -> float:
@@ -78,6 +83,19 @@ class RunningMeanStd:
     def std(self) -> float:
         """Population standard deviation of the values seen so far."""
         return math.sqrt(self.var)
+
+
+def _gather_statistics(local: tuple[int, float, float]) -> list[tuple[int, float, float]]:
+    """`(count, mean, m2)` of every process, in rank order (just this process's outside `torch.distributed`)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [local]
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    mine = torch.tensor(local, dtype=torch.float64, device=device)
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, mine)
+    return [(int(row[0]), float(row[1]), float(row[2])) for row in (entry.cpu() for entry in gathered)]
 
 
 class PersonalizedReward:
@@ -130,8 +148,9 @@ class PersonalizedReward:
         strict (`bool`, *optional*, defaults to `False`):
             Raise on users without a profile instead of falling back to the default routing.
         normalize (`bool`, *optional*, defaults to `False`):
-            Return `(r - mean) / std`, with a running mean and standard deviation over all rewards this process has
-            scored (updated with each batch before it is normalized).
+            Return `(r - mean) / std`, with a running mean and standard deviation over all rewards scored so far
+            (updated with each batch before it is normalized). Under `torch.distributed` the statistics are shared:
+            every rank merges all ranks' batches, so all apply the same scale.
         name (`str`, *optional*):
             The function's `__name__`, under which TRL logs it (`rewards/<name>/mean`). Defaults to
             `"personalized_reward"`.
