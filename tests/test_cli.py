@@ -177,3 +177,33 @@ def test_quick_demo_writes_the_report(tmp_path, capsys):
     from trl_moe_rm import MoERewardModel
 
     assert isinstance(AutoModelForSequenceClassification.from_pretrained(output_dir / "sparse_moe"), MoERewardModel)
+
+
+def test_every_subcommand_takes_hf_names_and_a_config_file(model_dir, tmp_path, capsys):
+    """Issue 15: TRL/HF flag names (old names kept as aliases), `--config` YAML, usage lines naming the subcommand."""
+    for command in ("demo", "personalize", "score", "analyze", "push", "serve"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        out = capsys.readouterr().out
+        assert out.startswith(f"usage: trl-moe-rm {command}") and "--config" in out
+        if command != "demo":
+            assert "--model_name_or_path" in out
+    rows = _write_jsonl(tmp_path / "in.jsonl", [{"prompt": "what", "completion": "good"}])
+    config = tmp_path / "score.yaml"
+    config.write_text(f"model_name_or_path: {model_dir}\ndataset_name: {rows}\nbatch_size: 2\n")
+    assert main(["score", "--config", str(config), "--output_file", str(tmp_path / "out.jsonl")]) == 0
+    assert "reward" in json.loads((tmp_path / "out.jsonl").read_text())
+    config.write_text("modle: x\n")
+    with pytest.raises(SystemExit):
+        main(["score", "--config", str(config), "--output", str(tmp_path / "o.jsonl")])
+    assert "unknown option(s) ['modle']" in capsys.readouterr().err
+
+
+def test_python_m_train_prints_its_usage():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "trl_moe_rm.scripts.train", "--help"], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.startswith("usage: python -m trl_moe_rm.scripts.train")
+    assert "--num_experts" in result.stdout and "--datasets" in result.stdout

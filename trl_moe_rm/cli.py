@@ -18,7 +18,10 @@ def _add_demo(subparsers) -> None:
     parser.add_argument("--num_pairs_per_category", type=int, default=400, help="Controlled pairs per category.")
     parser.add_argument("--num_train_epochs", type=float, default=6, help="Training budget of every model.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the data and the models.")
-    parser.add_argument("--backbone", default=None, help="Backbone path (default: the packaged all-MiniLM-L6-v2).")
+    parser.add_argument(
+        "--model_name_or_path", "--backbone", dest="backbone", default=None,
+        help="Backbone folder (default: the packaged all-MiniLM-L6-v2).",
+    )  # fmt: skip
     parser.set_defaults(func=_run_demo)
 
 
@@ -44,14 +47,29 @@ def _add_personalize(subparsers) -> None:
         help="Fit a user's expert weights from a few labelled pairs and save the profile.",
         description="Fit one user's weights over the frozen experts (JSONL pairs: prompt, chosen, rejected).",
     )
-    parser.add_argument("--model", required=True, help="Directory (or Hub id) of a trained MoE reward model.")
-    parser.add_argument("--pairs", required=True, help="JSON/JSONL file of the user's labelled pairs.")
+    _add_model_argument(parser)
+    parser.add_argument(
+        "--dataset_name", "--pairs", dest="pairs", required=True,
+        help="The user's labelled pairs: a .jsonl/.json/.parquet/.csv file, folder or Hub dataset.",
+    )  # fmt: skip
     parser.add_argument("--user_id", required=True, help="The user's id (an integer string is kept as a string).")
     parser.add_argument("--method", default="hedge", choices=["hedge", "hyre", "gradient"], help="Fitting method.")
     parser.add_argument("--mode", default="static", choices=["static", "routed"], help="How the weights are used.")
-    parser.add_argument("--store", default=None, help="ProfileStore directory to save the profile into.")
-    parser.add_argument("--test", default=None, help="Held-out pairs of the user: prints the accuracy before/after.")
+    parser.add_argument(
+        "--output_dir", "--store", dest="store", default=None, help="ProfileStore directory to save the profile into."
+    )
+    parser.add_argument(
+        "--eval_dataset_name", "--test", dest="test", default=None,
+        help="Held-out pairs of the user: prints the accuracy before/after.",
+    )  # fmt: skip
     parser.set_defaults(func=_run_personalize)
+
+
+def _add_model_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model_name_or_path", "--model", dest="model", required=True,
+        help="Directory (or Hub id) of a trained MoE reward model.",
+    )  # fmt: skip
 
 
 def _load_model_and_tokenizer(path: str):
@@ -104,14 +122,14 @@ def _add_score(subparsers) -> None:
             ".parquet, .csv -> .csv, else JSONL)."
         ),
     )
-    parser.add_argument(
-        "--model_name_or_path", "--model", dest="model", required=True, help="Directory or Hub id of a trained model."
-    )
+    _add_model_argument(parser)
     parser.add_argument(
         "--dataset_name", "--input", dest="input", required=True, help="Rows to score: a file, folder or Hub id."
     )
     parser.add_argument("--dataset_split", default=None, help="Split to score (default: the only one, or `train`).")
-    parser.add_argument("--output", required=True, help="Output file (.jsonl, .parquet or .csv).")
+    parser.add_argument(
+        "--output_file", "--output", dest="output", required=True, help="Output file (.jsonl, .parquet or .csv)."
+    )
     parser.add_argument("--user_id", default=None, help="Score every row for this user (else the row's `user_id`).")
     parser.add_argument("--profiles", default=None, help="ProfileStore directory with the users' profiles.")
     parser.add_argument("--strict", action="store_true", help="Fail on unknown users instead of the default routing.")
@@ -259,9 +277,11 @@ def _add_analyze(subparsers) -> None:
             "`chosen_attributes` / `rejected_attributes` columns."
         ),
     )
-    parser.add_argument("--model", required=True, help="Directory (or Hub id) of a trained MoE reward model.")
+    _add_model_argument(parser)
     parser.add_argument(
+        "--dataset_name",
         "--dataset",
+        dest="dataset",
         required=True,
         help="Local .json/.jsonl/.parquet file or folder, or a Hub dataset id (`prompt`, `chosen`, `rejected`).",
     )
@@ -424,8 +444,11 @@ def _add_push(subparsers) -> None:
             "model card. Log in first with `hf auth login` (or set HF_TOKEN, or pass --token)."
         ),
     )
-    parser.add_argument("--model", required=True, help="Directory of a trained MoE reward model (from `save_model`).")
-    parser.add_argument("--repo_id", required=True, help="Target repository, `name` or `namespace/name`.")
+    _add_model_argument(parser)
+    parser.add_argument(
+        "--hub_model_id", "--repo_id", dest="repo_id", required=True,
+        help="Target repository, `name` or `namespace/name`.",
+    )  # fmt: skip
     parser.add_argument(
         "--profiles",
         default=None,
@@ -436,9 +459,16 @@ def _add_push(subparsers) -> None:
         default=None,
         help="Output of `trl-moe-rm analyze`: its experts.json, routing_heatmap.png and metrics go into the card.",
     )
-    parser.add_argument("--private", action="store_true", help="Create the repository as private.")
-    parser.add_argument("--token", default=None, help="Hub token with write access (default: `hf auth login`'s).")
-    parser.add_argument("--revision", default=None, help="Branch to push to (created if needed).")
+    parser.add_argument(
+        "--hub_private_repo", "--private", dest="private", action="store_true", help="Create the repository as private."
+    )
+    parser.add_argument(
+        "--hub_token", "--token", dest="token", default=None,
+        help="Hub token with write access (default: `hf auth login`'s).",
+    )  # fmt: skip
+    parser.add_argument(
+        "--hub_revision", "--revision", dest="revision", default=None, help="Branch to push to (created if needed)."
+    )
     parser.add_argument("--create_pr", action="store_true", help="Open a pull request instead of committing.")
     parser.add_argument("--commit_message", default=None, help="Commit message.")
     parser.add_argument("--dataset_name", default=None, help="Training dataset, for the model card's metadata.")
@@ -520,21 +550,72 @@ def main(argv: Sequence[str] | None = None) -> int:
         "train",
         help="Train a MoE reward model (TRL-style flags or --config file.yaml; see `trl-moe-rm train --help`).",
     )
-    _add_demo(subparsers)
-    _add_personalize(subparsers)
-    _add_score(subparsers)
-    _add_analyze(subparsers)
-    _add_push(subparsers)
+    for add in (_add_demo, _add_personalize, _add_score, _add_analyze, _add_push, _add_serve):
+        add(subparsers)
+    for name, subparser in subparsers.choices.items():
+        if name != "train":
+            subparser.add_argument(
+                "--config", default=None, help="YAML file of this command's options (flags given too win)."
+            )
     # `--debug` (anywhere on the line) shows the full traceback of an error instead of its one-line message.
     debug = "--debug" in argv
-    args = parser.parse_args([arg for arg in argv if arg != "--debug"])
+    argv = [arg for arg in argv if arg != "--debug"]
+    command = argv[0] if argv else None
     try:
+        if command in subparsers.choices and command != "train":
+            _apply_config_file(subparsers.choices[command], argv[1:])
+        args = parser.parse_args(argv)
         return args.func(args)
     except Exception as error:  # one line for the user; `--debug` shows where it came from
         if debug:
             raise
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        parser.exit(2, f"trl-moe-rm {args.command}: error: {message}\n")
+        parser.exit(2, f"trl-moe-rm {command}: error: {message}\n")
+
+
+def _apply_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """
+    `--config FILE`: a YAML mapping of the command's options (by their destination or any of their flag names, without
+    the dashes) becomes the parser's defaults, so flags on the command line still win. Unknown keys are an error.
+    """
+    path = next((argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--config"), None)
+    path = path or next((arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")), None)
+    if path is None:
+        return
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as file:
+            values = yaml.safe_load(file) or {}
+    except OSError as error:
+        raise FileNotFoundError(f"--config {path!r} cannot be read: {error.strerror}.") from None
+    except yaml.YAMLError as error:
+        raise ValueError(f"--config {path!r} is not valid YAML: {error}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {path!r} must hold a mapping of option names to values.")
+    names = {}
+    for action in parser._actions:
+        for flag in action.option_strings:
+            names[flag.lstrip("-")] = action
+    unknown = sorted(key for key in values if key not in names)
+    if unknown:
+        raise ValueError(f"--config {path!r}: unknown option(s) {unknown}; the options are {sorted(names)}.")
+    for key, value in values.items():
+        action = names[key]
+        parser.set_defaults(**{action.dest: value})
+        action.required = False
+
+
+def _add_serve(subparsers) -> None:
+    from .server import add_serve_arguments, run_serve
+
+    parser = subparsers.add_parser(
+        "serve",
+        help="Serve personalized rewards over HTTP (OpenRLHF's /get_reward protocol, with a user channel).",
+        description="Serve a trained MoE reward model: POST /get_reward, GET /health, GET /metrics.",
+    )
+    add_serve_arguments(parser)
+    parser.set_defaults(func=run_serve)
 
 
 if __name__ == "__main__":
