@@ -192,3 +192,15 @@ def test_push_without_token_or_with_a_bad_repo_id(model_dir, fake_hub, no_token,
     assert exit_info.value.code == 2
     assert "is not a directory" in capsys.readouterr().err
     assert fake_hub.commits == []
+
+
+def test_push_offline_is_one_line(model_dir, fake_hub, monkeypatch, capsys):  # noqa: F811
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["push", "--model", str(model_dir), "--repo_id", "me/m", "--token", "t"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "offline mode is on (HF_HUB_OFFLINE=1)" in err and "Traceback" not in err
+    assert fake_hub.created == [] and fake_hub.commits == []

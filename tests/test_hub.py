@@ -20,12 +20,14 @@ from trl_moe_rm.analysis import describe_experts, score_pairs
 from trl_moe_rm.checkpoints import load_moe_reward_model
 from trl_moe_rm.configuration_moe_reward import config_fingerprint
 from trl_moe_rm.hub import (
+    HubOfflineError,
     UnsafeFilesError,
     find_pickle_files,
     load_from_hub,
     prepare_hub_folder,
     push_moe_reward_model,
 )
+from trl_moe_rm.loading import HUB_FILE_PATTERNS
 from trl_moe_rm.model_card import CITATION, PAPER_ARXIV_ID
 from trl_moe_rm.plots import plot_routing_heatmap
 
@@ -290,11 +292,22 @@ def test_repushing_profiles_deletes_stale_ones_in_the_same_commit(trained, fake_
     assert ProfileStore.from_pretrained("me/m").list() == ["y"]
 
 
+def _is_moe_card(text: str, repo_id: str) -> bool:
+    return f'from_pretrained("{repo_id}", trust_remote_code=True)' in text and "## Experts" in text
+
+
 def test_push_from_a_trainer(fake_hub, tmp_path):
     torch.manual_seed(0)
     tokenizer = tiny_tokenizer()
     dataset = separable_dataset(16)
-    args = tiny_args(tmp_path / "out", num_train_epochs=1, hub_model_id="me/trained", hub_token="hf_args_token")
+    args = tiny_args(
+        tmp_path / "out",
+        num_train_epochs=1,
+        hub_model_id="me/trained",
+        hub_token="hf_args_token",
+        save_strategy="steps",
+        save_steps=2,
+    )
     trainer = MoERewardTrainer(
         model=tiny_moe("llama", tokenizer),
         args=args,
@@ -303,7 +316,15 @@ def test_push_from_a_trainer(fake_hub, tmp_path):
         processing_class=tokenizer,
     )
     trainer.train()
+    # Every checkpoint writes the MoE card (TRL's generic one said "fine-tuned version of [None]"), to output_dir and
+    # into the checkpoint, which loads on its own (its trainer-state pickles are never opened).
+    for folder in (tmp_path / "out", tmp_path / "out" / "checkpoint-2"):
+        card = (folder / "README.md").read_text()
+        assert _is_moe_card(card, "me/trained") and "[None]" not in card and 'model="None"' not in card
+    assert isinstance(load_moe_reward_model(tmp_path / "out" / "checkpoint-2"), MoERewardModel)
     metrics = trainer.evaluate()
+    trainer.save_model()
+    assert _is_moe_card((tmp_path / "out" / "README.md").read_text(), "me/trained")
     trainer.push_to_hub(descriptions={"1": "likes 'good'"}, dataset_name="separable")
 
     assert len(fake_hub.commits) == 1
@@ -320,6 +341,7 @@ def test_push_from_a_trainer(fake_hub, tmp_path):
         metrics["eval_accuracy"]
     )
     assert "moe-reward" in card.data.tags  # the trainer's own tags are kept
+    assert (tmp_path / "out" / "README.md").read_bytes() == commit["files"]["README.md"]  # one card, kept locally
 
     bundle = load_from_hub(fake_hub.materialize("me/trained", tmp_path / "dl"))
     assert (
@@ -423,6 +445,17 @@ def test_local_folder_with_pickles_is_refused(trained, tmp_path, name):
         load_from_hub(tmp_path / "model")
     with pytest.raises(UnsafeFilesError):  # nor is it uploaded
         prepare_hub_folder(tmp_path / "model", tmp_path / "repo")
+
+
+def test_loader_refuses_subfolder_and_adapters_without_safetensors(trained, tmp_path):
+    model, _ = trained
+    model.save_pretrained(tmp_path / "model")
+    with pytest.raises(ValueError, match="does not take `subfolder=`"):
+        load_moe_reward_model(tmp_path, subfolder="model")
+    (tmp_path / "model" / "model.safetensors").unlink()
+    (tmp_path / "model" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "org/base"}))
+    with pytest.raises(FileNotFoundError, match="has no adapter_model.safetensors"):
+        load_moe_reward_model(tmp_path / "model")
 
 
 def test_trainer_state_files_are_ignored_not_refused(trained, tmp_path):
@@ -564,6 +597,74 @@ def test_offline_loading_checks_the_cached_snapshot(trained, fake_hub, monkeypat
     monkeypatch.setattr(huggingface_hub, "snapshot_download", poisoned_snapshot)
     with pytest.raises(UnsafeFilesError, match="pytorch_model.bin"):
         load_from_hub("me/cached")
+
+
+def test_hub_downloads_only_the_files_a_model_needs():
+    repo = [
+        "config.json",
+        "model.safetensors",
+        "model-00001-of-00002.safetensors",
+        "model.safetensors.index.json",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "configuration_moe_reward.py",
+        "modeling_moe_reward.py",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "vocab.txt",
+        "merges.txt",
+        "tokenizer.model",
+        "experts.json",
+        "README.md",
+        "profiles/i-1.json",
+        "profiles/profiles.safetensors",
+    ]
+    unneeded = ["notes.txt", "evil.model", "helper.py", "weights.data", "sub/model.safetensors", "routing_heatmap.png"]
+    assert list(filter_repo_objects(repo + unneeded, allow_patterns=list(HUB_FILE_PATTERNS))) == repo
+
+
+def test_push_offline_is_one_clear_error(trained, fake_hub, monkeypatch):
+    from huggingface_hub import constants
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    model, _ = trained
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(HubOfflineError, match=r"offline mode is on \(HF_HUB_OFFLINE=1\)") as error:
+        model.push_to_hub("me/offline", token="t")
+    assert isinstance(error.value, OfflineModeIsEnabled) and isinstance(error.value, ValueError)
+    assert "\n" not in str(error.value)
+    assert fake_hub.created == [] and fake_hub.commits == []
+
+
+def test_the_model_class_is_hooked_by_the_package_only():
+    """The remote-code file imports nothing of the package, not even lazily: the package installs the push."""
+    import ast
+
+    import trl_moe_rm.modeling_moe_reward as modeling
+
+    assert MoERewardModel._push_to_hub_hook is push_moe_reward_model
+    imported = []
+    for node in ast.walk(ast.parse(Path(modeling.__file__).read_text())):
+        if isinstance(node, ast.Import):
+            imported += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            imported.append(node.module)
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) in (
+            "import_module",
+            "__import__",
+        ):
+            imported += [arg.value for arg in node.args if isinstance(arg, ast.Constant)]
+    assert imported and not [name for name in imported if name.split(".")[0] in ("trl_moe_rm", "importlib")]
+
+
+def test_card_snippets_use_remote_code_and_the_public_scoring_call(trained, tmp_path):
+    model, tokenizer = trained
+    prepare_hub_folder(model, tmp_path / "repo", repo_id="me/card", tokenizer=tokenizer)
+    card = (tmp_path / "repo" / "README.md").read_text()
+    assert 'AutoTokenizer.from_pretrained("me/card", trust_remote_code=True)' in card
+    assert "from trl_moe_rm import score\n" in card
+    assert 'score(model, tokenizer, ["How do I bake bread?"], ["Mix flour' in card
+    assert "{{" not in card and "{%" not in card  # every template field was filled
 
 
 def test_push_as_a_future_and_to_a_branch(trained, fake_hub):

@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save as safetensors_save
@@ -20,6 +21,7 @@ from trl_moe_rm.profiles import (
     UnknownUserError,
     UserProfile,
     config_fingerprint,
+    lookup_profile,
 )
 
 
@@ -230,6 +232,170 @@ def test_store_format_mismatch_is_detected(tmp_path):
     ProfileStore(tmp_path, format="safetensors").save(make_profile("a"))
     with pytest.raises(ProfileStoreError, match="format='safetensors'"):
         ProfileStore(tmp_path, format="json")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Exact user ids
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_lookup_profile_never_aliases_ids(tmp_path):
+    one, text_one = make_profile(1), make_profile("1")
+    profiles = {1: one, "1": text_one}
+    assert lookup_profile(profiles, 1) is one and lookup_profile(profiles, "1") is text_one
+    assert lookup_profile(profiles, np.int64(1)) is one
+    assert lookup_profile({1: one}, 2, "default") == "default"
+    for alias in (True, 1.0):  # a plain dict lookup would find user 1
+        with pytest.raises(TypeError, match="user_id must be a str or an int, got"):
+            lookup_profile(profiles, alias)
+    assert lookup_profile({1.0: one}, 1) is one  # an aliasing key, but the profile is user 1's own
+    assert lookup_profile({True: text_one}, 1) is None  # an equal key holding another user's profile
+    store = ProfileStore(tmp_path, format="safetensors")
+    store.save(one)
+    assert lookup_profile(store, 1).user_id == 1 and lookup_profile(store, "1") is None
+    with pytest.raises(TypeError, match="got the bool True"):
+        lookup_profile(store, True)
+
+
+def test_user_rewards_never_alias_ids():
+    from tiny import tiny_moe, tiny_tokenizer
+
+    from trl_moe_rm import UserRewards
+
+    rewards = UserRewards(tiny_moe("llama", tiny_tokenizer()), {1: UserProfile(1, [1.0, 0.0, 0.0, 0.0])})
+    assert rewards.weights_for(1)[0].tolist() == [1.0, 0.0, 0.0, 0.0]  # cached for the int 1 only
+    for alias in (True, 1.0):
+        with pytest.raises(TypeError, match="user_id must be a str or an int"):
+            rewards.weights_for(alias)
+    assert rewards.weights_for("1")[0] is None and rewards.fallbacks_by_user == {"1": 1}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Hostile JSON
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _nested(depth: int) -> dict:
+    root = node = {}
+    for _ in range(depth - 1):
+        node["x"] = {}
+        node = node["x"]
+    return root
+
+
+def _plant(store: ProfileStore, payload: str) -> None:
+    """Rewrites alice's stored profile with `payload` (raw JSON text) as its metadata."""
+    if store.format == "json":
+        path = store.directory / next(p.name for p in store.directory.iterdir() if p.suffix == ".json")
+        data = json.loads(path.read_text())
+        data["metadata"] = "PAYLOAD"
+        path.write_text(json.dumps(data).replace('"PAYLOAD"', payload))
+    else:
+        record = {
+            k: v for k, v in make_profile("alice").to_dict().items() if k not in ("expert_weights", "schema_version")
+        }
+        record["metadata"] = "PAYLOAD"
+        metadata = {
+            "format": "trl_moe_rm.profiles",
+            "schema_version": "1",
+            "profiles": json.dumps([record]).replace('"PAYLOAD"', payload),
+        }
+        store.table_path.write_bytes(safetensors_save({"expert_weights": torch.tensor([[0.5, 0.25, 0.25]])}, metadata))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize(
+    "payload, message",
+    [
+        ("[" * 100_000 + "]" * 100_000, "deeper than Python's recursion limit"),
+        ("[" * 200 + "]" * 200, "more than 34 levels deep"),
+        ("1" * 5000, r"an integer of 5000 digits \(at most 4300\)"),
+    ],
+    ids=["100k_deep", "200_deep", "5000_digits"],
+)
+def test_hostile_profile_json_is_a_profile_store_error(tmp_path, fmt, payload, message):
+    store = ProfileStore(tmp_path, format=fmt)
+    store.save(make_profile("alice"))
+    _plant(store, payload)
+    before = snapshot(tmp_path)
+    with pytest.raises(ProfileStoreError, match=message):
+        store.load("alice")
+    with pytest.raises(ProfileStoreError, match=message):
+        ProfileStore.from_pretrained(tmp_path).as_dict()
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_metadata_nesting_is_bounded(tmp_path, fmt):
+    with pytest.raises(ValueError, match="more than 32 levels deep"):
+        make_profile("a", metadata=_nested(33))
+    store = ProfileStore(tmp_path, format=fmt)
+    store.save(make_profile("a", metadata=_nested(32)))  # the deepest allowed round-trips
+    assert store.load("a").metadata == _nested(32)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Concurrent writers
+# ----------------------------------------------------------------------------------------------------------------------
+
+# Each writer saves its 150 users one by one into the same table, once both are ready (same package bootstrap as
+# `_KILL_CHILD` below).
+_WRITER_CHILD = r"""
+import os, sys, time, types
+repo, store_dir, ready, go, first = sys.argv[1:6]
+package = types.ModuleType("trl_moe_rm")
+package.__path__ = [os.path.join(repo, "trl_moe_rm")]
+sys.modules["trl_moe_rm"] = package
+from trl_moe_rm.profiles import ProfileStore, UserProfile
+
+store = ProfileStore(store_dir, format="safetensors")
+open(ready, "w").close()
+while not os.path.exists(go):
+    time.sleep(0.01)
+for user in range(int(first), int(first) + 150):
+    store.save(UserProfile(user, [0.5, 0.25, 0.25]))
+"""
+
+
+def test_concurrent_table_writers_keep_every_user(tmp_path):
+    store_dir, go = tmp_path / "store", tmp_path / "go"
+    children = {
+        first: subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                _WRITER_CHILD,
+                str(REPO_ROOT),
+                str(store_dir),
+                str(tmp_path / f"ready{first}"),
+                str(go),
+                str(first),
+            ],
+            cwd=REPO_ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for first in (0, 1000)
+    }
+    try:
+        while not all((tmp_path / f"ready{first}").exists() for first in children):  # both start saving together
+            failed = [child for child in children.values() if child.poll() is not None]
+            if failed:
+                pytest.fail(f"a writer exited before saving: {failed[0].stderr.read().decode()[-2000:]}")
+            time.sleep(0.02)
+        go.touch()
+        for child in children.values():
+            _, err = child.communicate(timeout=600)
+            assert child.returncode == 0, err.decode()[-2000:]
+    finally:
+        for child in children.values():
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+    store = ProfileStore.from_pretrained(store_dir)
+    assert store.list() == [*range(150), *range(1000, 1150)]  # no lost update
+    store.save_pretrained(tmp_path / "copy")  # the lock file is the store's, not a profile: it is not copied
+    assert [p.name for p in (tmp_path / "copy" / "profiles").iterdir()] == ["profiles.safetensors"]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -4,6 +4,8 @@ Security properties of the load paths:
 - nothing in `trl_moe_rm` can unpickle: a static scan of the package source (no pickle-family imports, `torch.load`
   only with `weights_only=True`, no `allow_pickle=True`, no `.bin` / `.pt` weights read), and a dynamic check that the
   loaders never call a pickle loader and refuse a folder holding a (booby-trapped) pickle without opening it;
+- weights are read only from safetensors checked by content: a pickle behind a weights index, a `.safetensors` name,
+  a symlink or a Hub download is refused before anything reads it;
 - `trust_remote_code` is never turned on silently: every default is `False` and no call in the package passes `True`;
 - a user id cannot escape the profile store directory (`../../etc/passwd`, absolute paths, separators, NUL, ...).
 """
@@ -16,11 +18,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_hub import fake_hub  # noqa: F401  (fixture)
 from tiny import separable_dataset, tiny_args, tiny_moe, tiny_tokenizer
 
 import trl_moe_rm
 from trl_moe_rm import MoERewardTrainer, ProfileStore, UserProfile
 from trl_moe_rm.checkpoints import load_moe_reward_model
+from trl_moe_rm.hub import UnsafeFilesError, UnsafeWeightsError, load_from_hub, push_moe_reward_model
+from trl_moe_rm.safety import check_safetensors_file
 
 
 PACKAGE = Path(trl_moe_rm.__file__).parent
@@ -187,6 +192,121 @@ def test_a_pickle_among_profiles_is_refused_unopened(saved_model, tmp_path):
     with pytest.raises(ValueError, match="pickle"):
         ProfileStore.from_pretrained(saved_model)
     assert not proof.exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Weights are safetensors by content, whatever points to them
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _index_to(folder: Path, target: str) -> None:
+    """Replaces the folder's weights by an index whose weight map points every tensor to `target`."""
+    keys = list(json.loads(_header(folder / "model.safetensors")))
+    (folder / "model.safetensors").unlink()
+    weight_map = {key: target for key in keys if key != "__metadata__"}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def _header(path: Path) -> str:
+    raw = path.read_bytes()
+    return raw[8 : 8 + int.from_bytes(raw[:8], "little")].decode()
+
+
+def test_an_index_pointing_to_torch_save_weights_is_refused(saved_model):
+    """The reproduction of issue 13: a `torch.save` state dict behind a weights index loaded (unpickled) before."""
+    state_dict = load_moe_reward_model(saved_model).state_dict()
+    torch.save(state_dict, saved_model / "weights.data")
+    _index_to(saved_model, "weights.data")
+    with pytest.raises(UnsafeWeightsError, match=r"points to 'weights\.data', which is not a \.safetensors file"):
+        load_moe_reward_model(saved_model)
+    # Named .safetensors, the same bytes are refused by content.
+    (saved_model / "weights.data").rename(saved_model / "weights.safetensors")
+    index = json.loads((saved_model / "model.safetensors.index.json").read_text())
+    index["weight_map"] = dict.fromkeys(index["weight_map"], "weights.safetensors")
+    (saved_model / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(UnsafeWeightsError, match="zip archive, as written by torch.save"):
+        load_moe_reward_model(saved_model)
+
+
+@pytest.mark.parametrize("where", ["index", "suffix", "symlink", "hub_snapshot"])
+def test_a_booby_trapped_pickle_behind_every_path_is_refused_unopened(
+    saved_model,
+    tmp_path,
+    fake_hub,  # noqa: F811
+    where,
+):
+    proof = tmp_path / "executed"
+    trap = pickle.dumps(_Trap(str(proof)))
+    target = saved_model
+    if where == "index":  # a sharded index whose shards are a pickle with a .safetensors name
+        (saved_model / "model-00001-of-00001.safetensors").write_bytes(trap)
+        _index_to(saved_model, "model-00001-of-00001.safetensors")
+    elif where == "suffix":  # the name says safetensors, the content is a pickle
+        (saved_model / "model.safetensors").write_bytes(trap)
+    elif where == "symlink":  # the weights file is a link to a pickle outside the folder
+        (tmp_path / "elsewhere.pkl").write_bytes(trap)
+        (saved_model / "model.safetensors").unlink()
+        (saved_model / "model.safetensors").symlink_to(tmp_path / "elsewhere.pkl")
+    else:  # a Hub repository whose model.safetensors is a pickle: downloaded, never read
+        push_moe_reward_model(saved_model, "me/trapped", token="t")
+        fake_hub.repos["me/trapped"]["model.safetensors"] = trap
+        target = "me/trapped"
+    with pytest.raises(UnsafeWeightsError, match="cannot be read as safetensors .*it is a pickle"):
+        load_moe_reward_model(target)
+    with pytest.raises(UnsafeFilesError):
+        load_from_hub(target)
+    assert not proof.exists()
+
+
+def test_an_adapter_whose_base_backbone_hides_a_pickle_is_refused(tmp_path):
+    """The adapter config points to the backbone: its weights are checked like the model's."""
+    from peft import LoraConfig, get_peft_model
+    from tiny import tiny_llama_config
+    from transformers import AutoModel
+
+    from trl_moe_rm import MoERewardModel
+
+    tokenizer = tiny_tokenizer()
+    backbone = tmp_path / "backbone"
+    AutoModel.from_config(tiny_llama_config(len(tokenizer))).save_pretrained(backbone)
+    model = MoERewardModel.from_backbone(str(backbone), num_experts=4, top_k=2)
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["router", "experts"])
+    get_peft_model(model, lora).save_pretrained(tmp_path / "adapter")
+    model.config.save_pretrained(tmp_path / "adapter")
+    assert load_moe_reward_model(tmp_path / "adapter") is not None
+
+    proof = tmp_path / "executed"
+    (backbone / "model-00001-of-00001.safetensors").write_bytes(pickle.dumps(_Trap(str(proof))))
+    _index_to(backbone, "model-00001-of-00001.safetensors")
+    with pytest.raises(UnsafeWeightsError, match="model-00001-of-00001.safetensors"):
+        load_moe_reward_model(tmp_path / "adapter")
+    assert not proof.exists()
+
+
+def _with_header(header: bytes, data: bytes = b"") -> bytes:
+    return len(header).to_bytes(8, "little") + header + data
+
+
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        (b"", "fewer than the 8"),
+        (b"\x00" * 32, r"header length \(0 bytes\)"),
+        (_with_header(b"not json!"), "header is not JSON"),
+        (_with_header(b"[]"), "not a JSON object"),
+        (_with_header(b'{"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}', b"\x00" * 4), "tensor 'w'"),
+        (_with_header(b'{"__metadata__": {"n": 1}}'), "__metadata__"),
+    ],
+)
+def test_the_safetensors_check_names_what_is_wrong(tmp_path, content, reason):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(UnsafeWeightsError, match=reason):
+        check_safetensors_file(path)
+
+
+def test_a_real_safetensors_file_passes_the_check(saved_model):
+    check_safetensors_file(saved_model / "model.safetensors")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

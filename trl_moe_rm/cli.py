@@ -166,65 +166,8 @@ def _check_output_file(path: str, flag: str) -> None:
         raise PermissionError(f"{flag} {path!r}: the folder {str(parent)!r} is not writable.")
 
 
-def _read_rows(path: str, split: str | None) -> tuple[list[dict], str]:
-    """Rows of a file, folder or Hub dataset, and the format to write them back in."""
-    from pathlib import Path
-
-    from .data.loading import load_preference_dataset
-
-    local = Path(path)
-    if local.suffix.lower() in (".jsonl", ".json") and local.is_file():
-        return _read_jsonl(local), "jsonl"
-    dataset = load_preference_dataset(path, check_columns=False)
-    dataset, _ = _select_split(dataset, split)
-    suffix = local.suffix.lower()
-    return dataset.to_list(), suffix[1:] if suffix in (".parquet", ".csv") else "jsonl"
-
-
-def _read_jsonl(path) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as file:
-        text = file.read()
-    stripped = text.lstrip()
-    if stripped.startswith("["):  # a .json file holding one list of rows
-        try:
-            lines = [json.dumps(row) for row in json.loads(text)]
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: not valid JSON ({error.msg}, line {error.lineno}).") from None
-    else:
-        lines = text.splitlines()
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{number}: not valid JSON ({error.msg}).") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}:{number}: each line must be a JSON object with `prompt` and `completion`.")
-        rows.append(row)
-    if not rows:
-        raise ValueError(f"{path} is empty: it holds no rows to score.")
-    return rows
-
-
-def _write_rows(rows: list[dict], path: str, kind: str) -> None:
-    from .io_utils import atomic_write_bytes, atomic_write_text
-
-    if kind == "jsonl":
-        atomic_write_text(path, "".join(json.dumps(row, allow_nan=False) + "\n" for row in rows))
-        return
-    import io
-
-    import pandas as pd
-
-    buffer = io.BytesIO()
-    frame = pd.DataFrame(rows)
-    frame.to_parquet(buffer, index=False) if kind == "parquet" else frame.to_csv(buffer, index=False)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
 def _run_score(args: argparse.Namespace) -> int:
+    from .data.loading import read_rows, write_rows
     from .processing import response_column
     from .profiles import ProfileStore
     from .rewards import PersonalizedReward
@@ -238,7 +181,7 @@ def _run_score(args: argparse.Namespace) -> int:
                 "were saved to (e.g. by `trl-moe-rm personalize --store DIR`)."
             )
         profiles = ProfileStore(args.profiles)
-    rows, kind = _read_rows(args.input, args.dataset_split)
+    rows, kind = read_rows(args.input, args.dataset_split)
     completion = response_column(list(rows[0]))
     for number, row in enumerate(rows, start=1):
         if completion not in row:
@@ -259,7 +202,7 @@ def _run_score(args: argparse.Namespace) -> int:
     rewards = reward.score([row.get("prompt") for row in rows], [row[completion] for row in rows], user_ids)
     for row, value in zip(rows, rewards.tolist()):
         row["reward"] = value
-    _write_rows(rows, args.output, kind)
+    write_rows(rows, args.output, kind)
     if has_users and reward.num_fallbacks:
         print(f"{reward.num_fallbacks} row(s) had no profile and used the default routing.", file=sys.stderr)
     print(f"Scored {len(rows)} rows into {args.output}")
@@ -386,8 +329,27 @@ def _run_analyze(args: argparse.Namespace) -> int:
     has_attributes = "chosen_attributes" in columns and "rejected_attributes" in columns
     if args.max_samples is not None and args.max_samples < len(dataset):
         dataset = dataset.select(range(args.max_samples))
-
+    notes = []
     model, tokenizer = _load_model_and_tokenizer(args.model)
+    if category_column is None and "prompt" in columns:
+        from .routing import prompt_clusters
+
+        dataset = dataset.add_column("prompt_cluster", prompt_clusters(dataset["prompt"], model.config.num_experts))
+        category_column = "prompt_cluster"
+        notes.append(
+            "No category column: the routing heatmap is drawn against k-means clusters of the prompts' words "
+            "(`prompt_cluster`); pass --category_column to use a column of the data."
+        )
+    elif category_column is None:
+        notes.append("No category column and no prompt column: no routing heatmap.")
+    if not has_attributes:
+        notes.append(
+            "No `chosen_attributes` / `rejected_attributes` columns: the expert x attribute plot, specialization and "
+            "steering are skipped."
+        )
+    for note in notes:
+        print(note, file=sys.stderr)
+
     scores = score_pairs(model, tokenizer, dataset, batch_size=args.batch_size, max_length=args.max_length)
     metrics = ["accuracy"] + (["conflict_accuracy"] if "conflict" in columns else [])
     metrics += ["nmi", "purity"] if category_column else []
@@ -424,6 +386,7 @@ def _run_analyze(args: argparse.Namespace) -> int:
         figures["expert_attribute"] = "expert_attribute.png"
     report.update({"model": args.model, "dataset": args.dataset, "split": split, "figures": figures})
     report["category_column"] = category_column
+    report["notes"] = notes
     atomic_write_text(output_dir / EXPERTS_FILENAME, experts_file_content(records, model.config.top_k))
     atomic_write_text(output_dir / "report.json", json.dumps(report, indent=2, default=str) + "\n")
     title = f"Analysis of {args.model} on {args.dataset} ({split}, {len(dataset)} pairs)"

@@ -73,6 +73,7 @@ _MAX_FILENAME_BYTES = 255
 # Deepest nesting of a profile's `metadata`: deeper input would exhaust Python's recursion limit in `json` or
 # `copy.deepcopy` instead of failing with a clear error.
 _MAX_METADATA_DEPTH = 32
+_MAX_INT_DIGITS = 4300
 _INT_NAME = re.compile(r"^i-(-?[0-9]+)\.json$")
 _STR_NAME = re.compile(r"^s-([a-z2-7]+)\.json$")
 
@@ -185,10 +186,18 @@ def _nests_deeper_than(value: Any, limit: int) -> bool:
     return False
 
 
+def _parse_int(text: str) -> int:
+    # Python >= 3.11 (and 3.10.7) refuses to convert longer integers (sys.set_int_max_str_digits); the same limit on
+    # every version, with the message of a profile file.
+    if len(text.lstrip("-")) > _MAX_INT_DIGITS:
+        raise ValueError(f"it holds an integer of {len(text.lstrip('-'))} digits (at most {_MAX_INT_DIGITS})")
+    return int(text)
+
+
 def _load_json(text: str | bytes) -> Any:
-    """`json.loads` that raises `ValueError` (never `RecursionError`) for documents nested too deeply for a profile."""
+    """`json.loads` that raises `ValueError` (never `RecursionError`) for documents too deep or large for a profile."""
     try:
-        data = json.loads(text)
+        data = json.loads(text, parse_int=_parse_int)
     except RecursionError:
         raise ValueError("it nests lists / objects deeper than Python's recursion limit") from None
     # A table's list and a record's object hold the metadata: two levels more than the metadata may have.
@@ -832,7 +841,8 @@ class ProfileStore:
         Writes a copy of the store to `<model_dir>/profiles/` in the same format.
 
         The destination mirrors this store: profiles stored there but absent here (and files of the other format) are
-        removed after the new files are written.
+        removed after the new files are written. It is replaced as a whole (no read-modify-write, so no lock file is
+        created there: a staged Hub upload holds only profile files).
 
         Args:
             model_dir (`str` or `os.PathLike`):

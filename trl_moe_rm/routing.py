@@ -37,6 +37,7 @@ from .scoring import PairScores, _as_array, score_pairs
 
 
 __all__ = [
+    "prompt_clusters",
     "category_recovery",
     "posterior_assignment",
     "routing_matrix",
@@ -231,3 +232,34 @@ def posterior_assignment(scores: PairScores, use_router_prior: bool = False) -> 
     if use_router_prior:
         log_likelihood = log_likelihood + np.log(np.clip(scores.router_probs, 1e-300, None))
     return log_likelihood.argmax(axis=1)
+
+
+def prompt_clusters(prompts: Sequence[Any], num_clusters: int, seed: int = 0) -> list[str]:
+    r"""
+    Cluster labels of prompts, for a routing heatmap on data without a category column: k-means on the TF-IDF vectors
+    of the prompts' words and bigrams (chat prompts are read as their messages' text).
+
+    Args:
+        prompts (`Sequence[str | list[dict]]`):
+            One prompt per pair.
+        num_clusters (`int`):
+            Number of clusters; fewer when there are fewer distinct prompts.
+        seed (`int`, *optional*, defaults to `0`):
+            Seed of k-means.
+
+    Returns:
+        `list[str]`: `"cluster_<i>"` for each prompt.
+    """
+    from sklearn.cluster import KMeans
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    texts = [
+        prompt if isinstance(prompt, str) else " ".join(str(m.get("content", "")) for m in prompt or [])
+        for prompt in prompts
+    ]
+    count = max(1, min(int(num_clusters), len(set(texts))))
+    if count == 1:
+        return ["cluster_0"] * len(texts)
+    vectors = TfidfVectorizer(ngram_range=(1, 2), min_df=1).fit_transform(texts)
+    labels = KMeans(n_clusters=count, n_init=10, random_state=seed).fit_predict(vectors)
+    return [f"cluster_{label}" for label in labels]

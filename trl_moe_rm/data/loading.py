@@ -1,5 +1,7 @@
 """Load preference datasets from the Hugging Face Hub or from local json / jsonl / parquet files."""
 
+import io
+import json
 import os
 from pathlib import Path
 
@@ -165,6 +167,70 @@ def _load_local(path: Path, streaming: bool) -> DatasetDict | IterableDatasetDic
     return load_dataset(str(path), streaming=streaming)
 
 
+def read_rows(path: str, split: str | None = None) -> tuple[list[dict], str]:
+    """
+    Rows of a file (.jsonl/.json/.parquet/.csv), a `save_to_disk` folder or a Hub dataset, as dicts, and the format to
+    write them back in (`"jsonl"`, `"parquet"` or `"csv"`). JSONL is read line by line, so that a bad line is named.
+    """
+    local = Path(path)
+    if local.suffix.lower() in (".jsonl", ".json") and local.is_file():
+        return _read_jsonl(local), "jsonl"
+    dataset = load_preference_dataset(path, check_columns=False)
+    if isinstance(dataset, DatasetDict):
+        if split is None:
+            split = "train" if "train" in dataset or len(dataset) != 1 else next(iter(dataset))
+        if split not in dataset:
+            raise KeyError(f"{path!r} has no split {split!r}; its splits are {list(dataset)}.")
+        dataset = dataset[split]
+    suffix = local.suffix.lower()
+    return dataset.to_list(), suffix[1:] if suffix in (".parquet", ".csv") else "jsonl"
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as file:
+        text = file.read()
+    stripped = text.lstrip()
+    if stripped.startswith("["):  # a .json file holding one list of rows
+        try:
+            lines = [json.dumps(row) for row in json.loads(text)]
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: not valid JSON ({error.msg}, line {error.lineno}).") from None
+    else:
+        lines = text.splitlines()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{number}: not valid JSON ({error.msg}).") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{number}: each line must be a JSON object with `prompt` and `completion`.")
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"{path} is empty: it holds no rows.")
+    return rows
+
+
+def write_rows(rows: list[dict], path: str | os.PathLike, kind: str) -> None:
+    """Write rows atomically as JSONL (no NaN allowed), parquet or CSV."""
+    from ..io_utils import atomic_write_bytes, atomic_write_text
+
+    if kind == "jsonl":
+        atomic_write_text(path, "".join(json.dumps(row, allow_nan=False) + "\n" for row in rows))
+        return
+    import pandas as pd
+
+    buffer = io.BytesIO()
+    frame = pd.DataFrame(rows)
+    if kind == "parquet":
+        frame.to_parquet(buffer, index=False)
+    else:
+        frame.to_csv(buffer, index=False)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
 def _has_content(path: Path) -> bool:
     """Whether a text data file holds anything but whitespace (`datasets` fails with StopIteration on an empty one)."""
     with open(path, "rb") as file:
@@ -181,4 +247,6 @@ __all__ = [
     "check_preference_columns",
     "load_preference_dataset",
     "looks_like_local_path",
+    "read_rows",
+    "write_rows",
 ]
