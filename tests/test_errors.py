@@ -717,8 +717,11 @@ def test_nonfinite_rewards_raise_with_the_rows_and_the_cause(tokenizer):
 
 
 def test_cli_score_refuses_nonfinite_rewards(tmp_path, tokenizer, capsys):
-    folder = tmp_path / "fp16"
-    overflowing_fp16_model(tokenizer).save_pretrained(folder)
+    folder = tmp_path / "nan"
+    model = tiny_moe("llama", tokenizer)
+    with torch.no_grad():
+        next(model.experts.parameters()).fill_(float("nan"))  # a diverged run: NaN in any dtype
+    model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     rows = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "what", "completion": "good"}])
     error = cli_error(capsys, ["score", "--model", str(folder), "--input", rows, "--output", str(tmp_path / "o.jsonl")])

@@ -73,7 +73,7 @@ def _add_model_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def _load_model_and_tokenizer(path: str):
-    from .checkpoints import load_moe_reward_model
+    from .loading import load_moe_reward_model
     from .processing import load_tokenizer
 
     tokenizer = load_tokenizer(path)  # fails before the weights are read

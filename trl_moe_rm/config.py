@@ -15,6 +15,7 @@ from .configuration_moe_reward import (
     check_head_fields,
 )
 from .init import EXPERT_INITS
+from .presets import PRESETS, apply_preset
 
 
 LOSS_TYPES = ("reward_mixture", "likelihood_mixture", "assignment")
@@ -31,6 +32,13 @@ class MoERewardConfig(RewardConfig):
     the model arguments used when the trainer's `model` is a backbone checkpoint name.
 
     Parameters:
+        > Preset
+
+        preset (`str`, *optional*):
+            Named preset of measured settings; it sets each of its fields that is still at its default. `"hidden_context"`:
+            the assignment loss with PCA-initialised experts, for data whose prompt does not reveal how a pair is judged
+            (see `docs/presets.md`).
+
         > Parameters of the MoE model (used when `model` is a string)
 
         num_experts (`int`, *optional*, defaults to `8`):
@@ -121,6 +129,15 @@ class MoERewardConfig(RewardConfig):
             Separate learning rate for the router. Defaults to `learning_rate`.
     """
 
+    preset: str | None = field(
+        default=None,
+        metadata={
+            "help": "Named preset of measured settings; it sets each of its fields that is still at its default. "
+            "'hidden_context': the assignment loss with PCA-initialised experts, for data whose prompt does not reveal "
+            "how a pair is judged (see docs/presets.md).",
+            "choices": [*PRESETS, None],
+        },
+    )
     num_experts: int = field(default=HEAD_FIELDS["num_experts"], metadata={"help": "Number of expert heads K."})
     top_k: int = field(
         default=HEAD_FIELDS["top_k"], metadata={"help": "Experts per sample; num_experts gives a dense mixture."}
@@ -197,6 +214,8 @@ class MoERewardConfig(RewardConfig):
     router_learning_rate: float | None = field(default=None, metadata={"help": "Separate router learning rate."})
 
     def __post_init__(self):
+        if self.preset is not None:
+            apply_preset(self, self.preset)
         if self.bf16 is None and not self.fp16 and not _bf16_available(self.use_cpu):
             # TRL's configs default to bf16 (trl>=1.0), which transformers refuses on a machine without bf16 support
             # ("Your setup doesn't support bf16/gpu"); default to float32 there instead.

@@ -198,7 +198,7 @@ class PersonalizedReward:
         if not isinstance(user_column, str) or not user_column:
             raise ValueError(f"`user_column` must be a non-empty column name, got {user_column!r}.")
         if isinstance(model, (str, os.PathLike)):
-            from .checkpoints import load_moe_reward_model
+            from .loading import load_moe_reward_model
 
             model = load_moe_reward_model(model)
         if isinstance(model, MoEUserRewardModel):
@@ -262,7 +262,7 @@ class PersonalizedReward:
             **kwargs:
                 The other arguments of [`PersonalizedReward`] (`user_column`, `strict`, `normalize`, ...).
         """
-        from .checkpoints import load_moe_reward_model
+        from .loading import load_moe_reward_model
 
         model = load_moe_reward_model(model_name_or_path)
         if profiles is None:

@@ -8,6 +8,8 @@ from pathlib import Path
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict, load_dataset, load_from_disk
 from datasets.exceptions import DatasetGenerationError
 
+from ..paths import is_local_path
+
 
 LOCAL_SUFFIXES: dict[str, str] = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 """File suffixes read from local paths, mapped to the `datasets` builder that reads them."""
@@ -25,13 +27,11 @@ def looks_like_local_path(name_or_path: str | os.PathLike) -> bool:
     """
     Whether `name_or_path` designates a local file or folder rather than a Hub dataset id.
 
-    A string is local when it exists on disk, starts with `.`, `/` or `~`, or ends with a `.json`, `.jsonl` or
-    `.parquet` suffix. Hub ids (`"trl-lib/ultrafeedback_binarized"`) match none of these.
+    A path is local by the package's one rule ([`~trl_moe_rm.paths.is_local_path`]: it exists, or starts with `.`,
+    `/` or `~`, ...) or when it ends with a data file suffix (`.json`, `.jsonl`, `.parquet`, `.csv`). Hub ids
+    (`"trl-lib/ultrafeedback_binarized"`) match none of these.
     """
-    text = os.fspath(name_or_path)
-    if os.path.exists(os.path.expanduser(text)):
-        return True
-    return text.startswith((".", "/", "~")) or Path(text).suffix.lower() in LOCAL_SUFFIXES
+    return is_local_path(name_or_path) or Path(os.fspath(name_or_path)).suffix.lower() in LOCAL_SUFFIXES
 
 
 def load_preference_dataset(
