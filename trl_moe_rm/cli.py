@@ -8,8 +8,10 @@ from collections.abc import Sequence
 
 
 def _add_demo(subparsers) -> None:
-    parser = subparsers.add_parser(
+    parser = _subcommand(
+        subparsers,
         "demo",
+        _run_demo,
         help="Run the main job: single head vs dense vs sparse MoE on the controlled data, on the real MiniLM.",
         description="Train four reward models on the controlled preference data and write demo_output/.",
     )
@@ -22,7 +24,6 @@ def _add_demo(subparsers) -> None:
         "--model_name_or_path", "--backbone", dest="backbone", default=None,
         help="Backbone folder (default: the packaged all-MiniLM-L6-v2).",
     )  # fmt: skip
-    parser.set_defaults(func=_run_demo)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -42,8 +43,10 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def _add_personalize(subparsers) -> None:
-    parser = subparsers.add_parser(
+    parser = _subcommand(
+        subparsers,
         "personalize",
+        _run_personalize,
         help="Fit a user's expert weights from a few labelled pairs and save the profile.",
         description="Fit one user's weights over the frozen experts (JSONL pairs: prompt, chosen, rejected).",
     )
@@ -62,7 +65,13 @@ def _add_personalize(subparsers) -> None:
         "--eval_dataset_name", "--test", dest="test", default=None,
         help="Held-out pairs of the user: prints the accuracy before/after.",
     )  # fmt: skip
-    parser.set_defaults(func=_run_personalize)
+
+
+def _subcommand(subparsers, name: str, func, help: str, description: str) -> argparse.ArgumentParser:
+    """A subcommand's parser, dispatching to `func(args) -> int`."""
+    parser = subparsers.add_parser(name, help=help, description=description)
+    parser.set_defaults(func=func)
+    return parser
 
 
 def _add_model_argument(parser: argparse.ArgumentParser) -> None:
@@ -112,8 +121,10 @@ def _run_personalize(args: argparse.Namespace) -> int:
 
 
 def _add_score(subparsers) -> None:
-    parser = subparsers.add_parser(
+    parser = _subcommand(
+        subparsers,
         "score",
+        _run_score,
         help="Score rows (prompt, completion) with a trained model, optionally for each row's user.",
         description=(
             "Read rows with a `prompt` and a `completion` (TRL's prompt/completion format; the legacy `response` "
@@ -135,7 +146,6 @@ def _add_score(subparsers) -> None:
     parser.add_argument("--strict", action="store_true", help="Fail on unknown users instead of the default routing.")
     parser.add_argument("--batch_size", type=_positive_int, default=32, help="Rows per forward pass.")
     parser.add_argument("--max_length", type=_positive_int, default=None, help="Truncate longer rows (tokens).")
-    parser.set_defaults(func=_run_score)
 
 
 def _positive_int(text: str) -> int:
@@ -210,8 +220,10 @@ def _run_score(args: argparse.Namespace) -> int:
 
 
 def _add_analyze(subparsers) -> None:
-    parser = subparsers.add_parser(
+    parser = _subcommand(
+        subparsers,
         "analyze",
+        _run_analyze,
         help="Explain a trained model on preference data: routing heatmap, expert descriptions, steering.",
         description=(
             "Score a preference dataset (prompt, chosen, rejected) with a trained MoE reward model and write "
@@ -242,7 +254,6 @@ def _add_analyze(subparsers) -> None:
     parser.add_argument("--batch_size", type=int, default=32, help="Pairs per forward pass.")
     parser.add_argument("--max_length", type=int, default=None, help="Truncate longer sequences (tokens).")
     parser.add_argument("--top_n_words", type=int, default=10, help="Words and bigrams kept per expert description.")
-    parser.set_defaults(func=_run_analyze)
 
 
 def _select_split(dataset, requested: str | None):
@@ -398,8 +409,10 @@ def _run_analyze(args: argparse.Namespace) -> int:
 
 
 def _add_push(subparsers) -> None:
-    parser = subparsers.add_parser(
+    parser = _subcommand(
+        subparsers,
         "push",
+        _run_push,
         help="Upload a trained model, its tokenizer, profiles, expert descriptions and a model card to the Hub.",
         description=(
             "Upload a saved MoE reward model to the Hugging Face Hub in one commit: the weights (safetensors), config "
@@ -436,7 +449,6 @@ def _add_push(subparsers) -> None:
     parser.add_argument("--commit_message", default=None, help="Commit message.")
     parser.add_argument("--dataset_name", default=None, help="Training dataset, for the model card's metadata.")
     parser.add_argument("--base_model", default=None, help="Hub id of the backbone, for the model card's metadata.")
-    parser.set_defaults(func=_run_push)
 
 
 def _run_push(args: argparse.Namespace) -> int:
@@ -572,13 +584,14 @@ def _apply_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> None
 def _add_serve(subparsers) -> None:
     from .server import add_serve_arguments, run_serve
 
-    parser = subparsers.add_parser(
+    parser = _subcommand(
+        subparsers,
         "serve",
+        run_serve,
         help="Serve personalized rewards over HTTP (OpenRLHF's /get_reward protocol, with a user channel).",
         description="Serve a trained MoE reward model: POST /get_reward, GET /health, GET /metrics.",
     )
     add_serve_arguments(parser)
-    parser.set_defaults(func=run_serve)
 
 
 if __name__ == "__main__":

@@ -511,6 +511,21 @@ def fit_gradient(
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def _check_per_user_shapes(values: torch.Tensor, weights: torch.Tensor, name: str) -> None:
+    """`values` is `(n, K)` or `(U, n, K)` and `weights` is `(K,)` or `(U, K)` to match; else a `ValueError`."""
+    if values.dim() not in (2, 3):
+        raise ValueError(f"`{name}` must have shape (n, K) or (U, n, K), got {tuple(values.shape)}.")
+    if (
+        weights.dim() != values.dim() - 1
+        or weights.shape[-1] != values.shape[-1]
+        or (values.dim() == 3 and weights.shape[0] != values.shape[0])
+    ):
+        raise ValueError(
+            f"`weights` of shape {tuple(weights.shape)} does not match `{name}` of shape {tuple(values.shape)}; "
+            f"expected {tuple(values.shape[:-2]) + (values.shape[-1],)}."
+        )
+
+
 def routed_weights(routing: TensorLike, weights: TensorLike, beta: float = 1.0) -> torch.Tensor:
     """
     Combines per-prompt router weights with a user's profile: `normalize(routing^beta * weights)` row by row.
@@ -535,13 +550,7 @@ def routed_weights(routing: TensorLike, weights: TensorLike, beta: float = 1.0) 
     g = _as_float_tensor(routing, "routing")
     w = _as_float_tensor(weights, "weights")
     out_dtype = g.dtype if g.is_floating_point() else torch.float32
-    if g.dim() not in (2, 3):
-        raise ValueError(f"`routing` must have shape (n, K) or (U, n, K), got {tuple(g.shape)}.")
-    if w.dim() != g.dim() - 1 or w.shape[-1] != g.shape[-1] or (g.dim() == 3 and w.shape[0] != g.shape[0]):
-        raise ValueError(
-            f"`weights` of shape {tuple(w.shape)} does not match `routing` of shape {tuple(g.shape)}; expected "
-            f"{tuple(g.shape[:-2]) + (g.shape[-1],)}."
-        )
+    _check_per_user_shapes(g, w, "routing")
     g = _check_routing_values(g.to(torch.float64))
     w64 = w.to(torch.float64)
     if not bool(torch.isfinite(w64).all()) or bool((w64 < 0).any()):
@@ -573,13 +582,7 @@ def mixture_scores(
     s = _as_float_tensor(expert_scores, "expert_scores")
     out_dtype = torch.float64 if s.dtype == torch.float64 else torch.float32
     w = _as_float_tensor(weights, "weights").to(torch.float64)
-    if s.dim() not in (2, 3):
-        raise ValueError(f"`expert_scores` must have shape (n, K) or (U, n, K), got {tuple(s.shape)}.")
-    if w.dim() != s.dim() - 1 or w.shape[-1] != s.shape[-1] or (s.dim() == 3 and w.shape[0] != s.shape[0]):
-        raise ValueError(
-            f"`weights` of shape {tuple(w.shape)} does not match `expert_scores` of shape {tuple(s.shape)}; expected "
-            f"{tuple(s.shape[:-2]) + (s.shape[-1],)}."
-        )
+    _check_per_user_shapes(s, w, "expert_scores")
     s = s.to(torch.float64)
     if routing is None:
         per_row = w.unsqueeze(-2)
