@@ -45,11 +45,12 @@ import numpy as np
 import torch
 from datasets import Dataset
 from safetensors.torch import load_file, save_file
-from trl.trainer.utils import pad
 
 from benchmarks.baselines import DecomposedRewardHeads, cross_validated_l2, fit_bradley_terry_head
 from benchmarks.stats import mean_ci
 from trl_moe_rm.accuracy import pairwise_outcomes
+from trl_moe_rm.processing import RowEncoder, pad_batch
+from trl_moe_rm.processing import pad_token_id as tokenizer_pad_token_id
 from trl_moe_rm.scoring import PairScores, scores_from_features
 
 
@@ -110,20 +111,14 @@ class Benchmark:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def _truncate(ids: list[int], max_length: int) -> list[int]:
-    return ids[:max_length]
-
-
 def tokenize_sequences(tokenizer, prompts: Sequence[str], responses: Sequence[str], max_length: int = 512):
-    """Token ids and prompt lengths of (prompt, response) texts, exactly as [`MoERewardTrainer`] tokenizes them."""
-    from trl_moe_rm.processing import tokenize_preference as _tokenize_preference
-
-    ids, prompt_lengths = [], []
-    for prompt, response in zip(prompts, responses):
-        example = _tokenize_preference({"prompt": prompt, "chosen": response, "rejected": response}, tokenizer)
-        ids.append(_truncate(example["chosen_ids"], max_length))
-        prompt_lengths.append(min(example["prompt_length"], max_length))
-    return ids, prompt_lengths
+    """
+    Token ids and prompt lengths of (prompt, response) texts, with the package's one text-to-ids path
+    ([`~trl_moe_rm.processing.RowEncoder`], as [`MoERewardTrainer`] tokenizes them), truncated to `max_length` tokens
+    (the prompt first, from the left).
+    """
+    encoded = RowEncoder(tokenizer, max_length=max_length).encode_many(list(prompts), list(responses))
+    return [ids for ids, _ in encoded], [prompt_length for _, prompt_length in encoded]
 
 
 @torch.inference_mode()
@@ -136,8 +131,7 @@ def encode_sequences(model, ids: list[list[int]], prompt_lengths: list[int], pad
     model.eval()
     for start in range(0, len(ids), batch_size):
         rows = order[start : start + batch_size]
-        input_ids = pad([torch.tensor(ids[row]) for row in rows], padding_value=pad_token_id)
-        attention_mask = pad([torch.ones(len(ids[row]), dtype=torch.long) for row in rows], padding_value=0)
+        input_ids, attention_mask = pad_batch([ids[row] for row in rows], pad_token_id)
         lengths = torch.tensor([prompt_lengths[row] for row in rows])
         seq, rout = model.encode(input_ids=input_ids, attention_mask=attention_mask, prompt_lengths=lengths)
         sequence[torch.as_tensor(rows)] = seq.float()
@@ -171,8 +165,7 @@ def encode_texts(
         tensors = load_file(str(path))
         return tensors["sequence"], tensors["router"], ids, prompt_lengths
     start = time.perf_counter()
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    sequence, router = encode_sequences(model, ids, prompt_lengths, pad)
+    sequence, router = encode_sequences(model, ids, prompt_lengths, tokenizer_pad_token_id(tokenizer))
     print(f"[encode] {tag}: {len(ids)} sequences in {time.perf_counter() - start:.0f} s", flush=True)
     cache_dir.mkdir(parents=True, exist_ok=True)
     save_file({"sequence": sequence, "router": router}, str(path))
@@ -281,6 +274,46 @@ def build_controlled(
         "user_weights": {user.user_id: user.direction_weights for user in users},
     }
     return Benchmark("controlled", [user.user_id for user in users], sets["train"], sets["test"], info)
+
+
+def build_hidden(
+    model,
+    tokenizer,
+    cache_dir: Path,
+    num_mixed: int = 6,
+    train_pairs: int = 200,
+    test_pairs: int = 100,
+    seed: int = 0,
+):
+    """
+    Hidden users ([`~benchmarks.hidden_users.make_hidden_users`]): six types judging one shared pool of everyday-advice
+    prompts by opposite attributes, plus `num_mixed` users mixing two of them; split by prompt.
+    """
+    from benchmarks.hidden_users import make_hidden_user_pairs, make_hidden_users
+
+    users = make_hidden_users(num_mixed=num_mixed, seed=seed)
+    split = make_hidden_user_pairs(users, train_pairs=train_pairs, test_pairs=test_pairs, seed=seed)
+    names = [user.user_id for user in users]
+    sets = {
+        name: pairs_from_texts(
+            model,
+            tokenizer,
+            part["prompt"],
+            part["chosen"],
+            part["rejected"],
+            [names.index(user) for user in part["user_id"]],
+            cache_dir,
+            "hidden",
+        )
+        for name, part in split.items()
+    }
+    info = {
+        "num_users": len(users),
+        "train_pairs_per_user": train_pairs,
+        "test_pairs_per_user": test_pairs,
+        "user_weights": {user.user_id: list(user.weights) for user in users},
+    }
+    return Benchmark("hidden", names, sets["train"], sets["test"], info)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -86,7 +86,9 @@ def _rows(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_analyze_without_labels_skips_heatmap_and_steering(model_dir, tmp_path):
+def test_analyze_without_labels_routes_against_prompt_clusters(model_dir, tmp_path, capsys):
+    """Issue 15: on data without a category column the heatmap is drawn against prompt clusters; attribute plots are
+    skipped with one line saying why."""
     data = _write_jsonl(
         tmp_path / "plain.jsonl",
         [{"prompt": "explain the sun", "chosen": "good one", "rejected": "bad one"}] * 3
@@ -94,9 +96,21 @@ def test_analyze_without_labels_skips_heatmap_and_steering(model_dir, tmp_path):
     )
     out = tmp_path / "analysis"
     assert main(["analyze", "--model", str(model_dir), "--dataset", str(data), "--output_dir", str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["experts.json", "report.json", "report.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["experts.json", "report.json", "report.md", "routing_heatmap.png"]
     report = json.loads((out / "report.json").read_text())
-    assert "nmi" not in report and "steering" not in report and report["figures"] == {}
+    assert report["category_column"] == "prompt_cluster" and "nmi" in report
+    assert "steering" not in report and list(report["figures"]) == ["routing_heatmap"]
+    err = capsys.readouterr().err
+    assert "k-means clusters of the prompts" in err and "attribute plot" in err
+
+
+def test_push_dry_run_writes_and_lists_the_folder(model_dir, tmp_path, fake_hub, capsys):  # noqa: F811
+    out = tmp_path / "dry"
+    assert main(["push", "--model_name_or_path", str(model_dir), "--hub_model_id", "me/m", "--dry_run", str(out)]) == 0
+    listed = capsys.readouterr().out
+    assert "model.safetensors" in listed and "README.md" in listed and "Dry run" in listed
+    assert (out / "README.md").is_file() and (out / "config.json").is_file()
+    assert fake_hub.created == [] and fake_hub.commits == []
 
 
 def test_analyze_names_the_missing_column(model_dir, controlled_file, tmp_path, capsys):

@@ -449,16 +449,21 @@ def _add_push(subparsers) -> None:
     parser.add_argument("--commit_message", default=None, help="Commit message.")
     parser.add_argument("--dataset_name", default=None, help="Training dataset, for the model card's metadata.")
     parser.add_argument("--base_model", default=None, help="Hub id of the backbone, for the model card's metadata.")
+    parser.add_argument(
+        "--dry_run", default=None, metavar="FOLDER",
+        help="Write the files that would be uploaded (model card included) into FOLDER and list them; no upload.",
+    )  # fmt: skip
 
 
 def _run_push(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .hub import push_moe_reward_model, resolve_token, validate_hub_repo_id
+    from .hub import prepare_hub_folder, push_moe_reward_model, resolve_token, validate_hub_repo_id
     from .model_card import EXPERTS_FILENAME, ROUTING_HEATMAP_FILENAME
 
     validate_hub_repo_id(args.repo_id)
-    token = resolve_token(args.token)  # fails before any work when the user is not logged in
+    if args.dry_run is None:
+        token = resolve_token(args.token)  # fails before any work when the user is not logged in
     model_dir = Path(args.model)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"--model {args.model!r} is not a directory: pass the folder written by `save_model`.")
@@ -476,20 +481,22 @@ def _run_push(args: argparse.Namespace) -> int:
             heatmap = analysis / ROUTING_HEATMAP_FILENAME
         if (analysis / "report.json").is_file():
             report = json.loads((analysis / "report.json").read_text(encoding="utf-8"))
+    content = {"profiles": profiles, "descriptions": descriptions, "routing_heatmap": heatmap, "report": report}
+    content.update(dataset_name=args.dataset_name, base_model=args.base_model)
+    if args.dry_run is not None:
+        files = prepare_hub_folder(model_dir, args.dry_run, repo_id=args.repo_id, **content)
+        print("\n".join(sorted(files)))
+        print(f"Dry run: wrote the {len(files)} files that would be uploaded to {args.repo_id} into {args.dry_run}/")
+        return 0
     commit = push_moe_reward_model(
         model_dir,
         args.repo_id,
-        profiles=profiles,
-        descriptions=descriptions,
-        routing_heatmap=heatmap,
-        report=report,
+        **content,
         token=token,
         private=True if args.private else None,
         commit_message=args.commit_message,
         revision=args.revision,
         create_pr=args.create_pr,
-        dataset_name=args.dataset_name,
-        base_model=args.base_model,
     )
     print(f"Pushed {args.model} to {getattr(commit, 'commit_url', None) or args.repo_id}")
     return 0

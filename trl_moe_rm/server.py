@@ -309,7 +309,9 @@ def _read_json(path: Path) -> Any:
         raise ValueError(f"--normalize_with {str(path)!r} is not valid JSON ({error}).") from None
 
 
-def load_normalization(path: str | os.PathLike, reward: Any, model_dir: str | os.PathLike) -> RewardNormalization:
+def load_normalization(
+    path: str | os.PathLike, reward: Any, model_dir: str | os.PathLike | None
+) -> RewardNormalization:
     r"""
     The normalization statistics of `--normalize_with FILE`.
 
@@ -324,8 +326,8 @@ def load_normalization(path: str | os.PathLike, reward: Any, model_dir: str | os
             The reference set or the statistics file.
         reward ([`PersonalizedReward`]):
             The reward being served.
-        model_dir (`str` or `os.PathLike`):
-            Where the statistics are stored (the model's folder).
+        model_dir (`str` or `os.PathLike`, *optional*):
+            Where the statistics are stored (the model's folder); `None` (a model from the Hub) keeps them in memory.
 
     Raises:
         `FileNotFoundError`: `path` does not exist.
@@ -356,8 +358,8 @@ def load_normalization(path: str | os.PathLike, reward: Any, model_dir: str | os
             )
         return stats
     sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
-    stored = Path(model_dir) / NORMALIZATION_FILENAME
-    if stored.is_file():
+    stored = None if model_dir is None else Path(model_dir) / NORMALIZATION_FILENAME
+    if stored is not None and stored.is_file():
         previous = json.loads(stored.read_text(encoding="utf-8"))
         if previous.get("reference_sha256") == sha256 and previous.get("model_fingerprint") == fingerprint:
             logger.info(f"Reusing the normalization statistics in {stored} (same reference set).")
@@ -379,6 +381,9 @@ def load_normalization(path: str | os.PathLike, reward: Any, model_dir: str | os
     running = RunningMeanStd()
     running.update(rewards)
     stats = RewardNormalization(running.mean, running.std, running.count, fingerprint, sha256)
+    if stored is None:
+        logger.warning("The model is not a local folder: the normalization statistics are kept in memory only.")
+        return stats
     try:
         atomic_write_text(stored, json.dumps(asdict(stats), indent=2) + "\n")
         logger.info(f"Normalization statistics of {path} ({stats.count} rows) stored in {stored}.")
@@ -1093,8 +1098,11 @@ def run_serve(args: argparse.Namespace) -> int:
     )
     from .rewards import PersonalizedReward
 
+    from .paths import is_local_path
+
+    local = is_local_path(args.model) and Path(args.model).expanduser().is_dir()
     profiles = args.profiles
-    if profiles is None and not (Path(args.model) / "profiles").is_dir():
+    if profiles is None and local and not (Path(args.model).expanduser() / "profiles").is_dir():
         logger.warning(f"No profiles in {args.model}/profiles and no --profiles: every row gets the default routing.")
         profiles = {}
     reward = PersonalizedReward.from_pretrained(
@@ -1105,7 +1113,8 @@ def run_serve(args: argparse.Namespace) -> int:
         device=args.device,
         max_length=args.max_length,
     )
-    normalization = load_normalization(args.normalize_with, reward, args.model) if args.normalize_with else None
+    store = Path(args.model).expanduser() if local else None
+    normalization = load_normalization(args.normalize_with, reward, store) if args.normalize_with else None
     options = ServeOptions(
         labels_are_user_ids=args.labels_are_user_ids,
         max_batch_size=args.max_batch_size,
