@@ -673,3 +673,32 @@ def test_push_as_a_future_and_to_a_branch(trained, fake_hub):
     kwargs = fake_hub.commits[0]["kwargs"]
     assert kwargs["run_as_future"] is True and kwargs["revision"] == "dev" and kwargs["create_pr"] is True
     assert fake_hub.branches == [("me/f", "dev")]
+
+
+@pytest.mark.slow
+def test_card_scoring_snippet_runs_in_a_fresh_process_without_a_prompt(trained, tmp_path):
+    """
+    Issue 15: the card's usage snippet loads model and tokenizer with `trust_remote_code=True` and scores through
+    `trl_moe_rm.score`; run with stdin closed, it must not stop at transformers' "run the custom code? [y/N]" prompt.
+    """
+    import re
+    import subprocess
+    import sys
+
+    model, tokenizer = trained
+    folder = tmp_path / "repo"
+    prepare_hub_folder(model, folder, repo_id=str(folder), tokenizer=tokenizer)
+    card = (folder / "README.md").read_text()
+    snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    assert "score(model, tokenizer" in snippet and snippet.count("trust_remote_code=True)") == 2
+    result = subprocess.run(
+        [sys.executable, "-c", snippet],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"tensor\(\[-?\d", result.stdout)

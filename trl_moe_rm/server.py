@@ -1098,11 +1098,10 @@ def run_serve(args: argparse.Namespace) -> int:
     )
     from .rewards import PersonalizedReward
 
-    from .paths import is_local_path
-
-    local = is_local_path(args.model) and Path(args.model).expanduser().is_dir()
+    model_dir = Path(args.model).expanduser()
+    local = model_dir.is_dir()  # else a Hub id: its profiles/ are looked up there
     profiles = args.profiles
-    if profiles is None and local and not (Path(args.model).expanduser() / "profiles").is_dir():
+    if profiles is None and local and not (model_dir / "profiles").is_dir():
         logger.warning(f"No profiles in {args.model}/profiles and no --profiles: every row gets the default routing.")
         profiles = {}
     reward = PersonalizedReward.from_pretrained(
@@ -1113,7 +1112,7 @@ def run_serve(args: argparse.Namespace) -> int:
         device=args.device,
         max_length=args.max_length,
     )
-    store = Path(args.model).expanduser() if local else None
+    store = model_dir if local else None
     normalization = load_normalization(args.normalize_with, reward, store) if args.normalize_with else None
     options = ServeOptions(
         labels_are_user_ids=args.labels_are_user_ids,
