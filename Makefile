@@ -19,6 +19,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==$(TORCH_VERSION)
 	$(PY) -m pip install -q -e '.[dev]'
+	# OpenRLHF's own remote-reward client, for tests/test_serve.py (its GPU dependencies are not needed for that)
+	$(PY) -m pip install -q --no-deps openrlhf==0.11.2 pylatexenc
 	touch $@
 
 setup: $(VENV)/.installed

@@ -589,14 +589,14 @@ def _apply_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> None
 
 
 def _add_serve(subparsers) -> None:
-    from .server import add_serve_arguments, run_serve
+    from .server import SERVE_DESCRIPTION, add_serve_arguments, run_serve
 
     parser = _subcommand(
         subparsers,
         "serve",
         run_serve,
-        help="Serve personalized rewards over HTTP (OpenRLHF's /get_reward protocol, with a user channel).",
-        description="Serve a trained MoE reward model: POST /get_reward, GET /health, GET /metrics.",
+        help="Serve personalized rewards over HTTP (OpenRLHF protocol; TRL and verl clients).",
+        description=SERVE_DESCRIPTION,
     )
     add_serve_arguments(parser)
 
