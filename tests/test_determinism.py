@@ -210,7 +210,18 @@ def test_cached_and_uncached_frozen_paths_agree(tmp_path, backbone):
     assert len(losses_of(cached)) == len(losses_of(uncached)) == 8
     torch.testing.assert_close(losses_of(cached), losses_of(uncached), rtol=1e-5, atol=1e-6)
     state_cached, state_uncached = head_state(cached.model), head_state(uncached.model)
+    steps, learning_rate = 8, cached.args.learning_rate
     for name in state_cached:
+        if name == "experts.bias":
+            # The expert bias cancels in r(chosen) - r(rejected): its Bradley-Terry gradient is exactly 0, and what
+            # reaches it is float32 rounding (~1e-9) of opposite sign on the two paths. Adam divides each coordinate by
+            # its own gradient scale, so that noise moves it by up to `lr` per step on either path: the bias may differ
+            # by at most 2 * lr * steps, and carries no signal to compare.
+            bound = 2 * learning_rate * steps
+            assert (state_cached[name] - state_uncached[name]).abs().max() <= bound, name
+            continue
+        # The weights get real gradients; the two paths differ by float32 rounding of features encoded in differently
+        # padded batches (~1e-6 relative), which 8 Adam steps keep within 1e-4 relative.
         torch.testing.assert_close(state_cached[name], state_uncached[name], rtol=1e-4, atol=1e-6, msg=name)
     initial = head_state(make_trainer(tmp_path / "init", backbone=backbone).model)
     assert not torch.equal(initial["experts.weight"], state_cached["experts.weight"])  # the head trained ...
