@@ -20,6 +20,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
+from .rewards import user_ids_from_columns
+
 
 API_KEY_ENV = "TRL_MOE_RM_API_KEY"  # the same variable as the server's
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
@@ -222,32 +224,14 @@ class RemotePersonalizedReward:
         **kwargs: Any,
     ) -> list[float]:
         """
-        Score completions for their users, with TRL's reward-function calling convention.
-
-        Args:
-            prompts (`Sequence`):
-                One prompt per completion (text, or a list of chat messages).
-            completions (`Sequence`):
-                The completions (text, or a list of chat messages).
-            completion_ids (`Sequence[Sequence[int]]`, *optional*):
-                Ignored: the server tokenizes the text with the reward model's tokenizer.
-            **kwargs:
-                The dataset's other columns, one value per completion (`user_column` among them), and TRL's
-                `trainer_state`, `log_metric` and `log_extra`.
-
-        Returns:
-            `list[float]`: one reward per completion. With TRL's `log_metric`, `<name>/fallbacks` is the number of rows
-            of the call scored with the default routing.
+        Score completions for their users on the server(s), with TRL's reward-function calling convention: the
+        arguments and the result are those of [`~trl_moe_rm.PersonalizedReward.__call__`] (`completion_ids` are
+        ignored: the server tokenizes the text). With TRL's `log_metric`, `<name>/fallbacks` is the number of rows of
+        the call scored with the default routing.
         """
         log_metric: Callable[[str, float], None] | None = kwargs.get("log_metric")
-        if self.user_column not in kwargs:
-            columns = sorted(key for key in kwargs if key not in ("trainer_state", "log_metric", "log_extra"))
-            raise ValueError(
-                f"{self.__name__} reads each row's user from the `{self.user_column}` column, but the trainer passed no "
-                f"such column (it passed {columns}). Keep it with `remove_unused_columns=False` in the trainer config "
-                "(the default of GRPOConfig / RLOOConfig), or set `user_column=`."
-            )
-        rewards, fallbacks = await self._score(prompts, completions, list(kwargs[self.user_column]))
+        user_ids = user_ids_from_columns(kwargs, self.user_column, self.__name__)
+        rewards, fallbacks = await self._score(prompts, completions, user_ids)
         if log_metric is not None:
             log_metric(f"{self.__name__}/fallbacks", float(fallbacks))
         return rewards

@@ -391,18 +391,8 @@ class PersonalizedReward:
         Returns:
             `list[float]`: one reward per completion.
         """
-        log_metric: Callable[[str, float], None] | None = kwargs.pop("log_metric", None)
-        kwargs.pop("log_extra", None)
-        kwargs.pop("trainer_state", None)
-        if self.user_column not in kwargs:
-            columns = sorted(key for key in kwargs if not key.startswith("_"))
-            raise ValueError(
-                f"PersonalizedReward reads each row's user from the `{self.user_column}` column, but the trainer passed "
-                f"no such column (it passed {columns}). Add it to the dataset and keep it with "
-                "`remove_unused_columns=False` in the trainer config (the default of RLOOConfig / GRPOConfig), or set "
-                "`user_column=` to the column that holds the user ids."
-            )
-        user_ids = list(kwargs[self.user_column])
+        log_metric: Callable[[str, float], None] | None = kwargs.get("log_metric")
+        user_ids = user_ids_from_columns(kwargs, self.user_column, self.__name__)
         fallbacks_before = self.user_rewards.num_fallbacks
         rewards = self.score(prompts, completions, user_ids)
         if log_metric is not None:
@@ -428,6 +418,26 @@ class PersonalizedReward:
         for key in sorted(groups):
             log_metric(f"{self.__name__}/user/{key}", float(rewards[groups[key]].mean()))
         log_metric(f"{self.__name__}/fallbacks", float(fallbacks))
+
+
+TRL_CALL_KEYWORDS = ("trainer_state", "log_metric", "log_extra")
+"""What TRL passes to a reward function next to the dataset's columns."""
+
+
+def user_ids_from_columns(columns: Mapping[str, Any], user_column: str, name: str) -> list[Any]:
+    """
+    The user id of each row, from the dataset columns TRL passes to a reward function; a clear error when the column
+    is missing (usually dropped by `remove_unused_columns=True`).
+    """
+    if user_column not in columns:
+        passed = sorted(key for key in columns if key not in TRL_CALL_KEYWORDS and not key.startswith("_"))
+        raise ValueError(
+            f"{name} reads each row's user from the `{user_column}` column, but the trainer passed no such column (it "
+            f"passed {passed}). Add it to the dataset and keep it with `remove_unused_columns=False` in the trainer "
+            "config (the default of RLOOConfig / GRPOConfig), or set `user_column=` to the column that holds the user "
+            "ids."
+        )
+    return list(columns[user_column])
 
 
 def is_missing_user(user_id: Any) -> bool:
@@ -489,4 +499,10 @@ def unpartition_zero3(model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["PersonalizedReward", "RunningMeanStd", "is_missing_user", "unpartition_zero3"]
+__all__ = [
+    "PersonalizedReward",
+    "RunningMeanStd",
+    "is_missing_user",
+    "unpartition_zero3",
+    "user_ids_from_columns",
+]
