@@ -125,15 +125,8 @@ class RemotePersonalizedReward:
 
     async def score(self, prompts: Sequence[Any], completions: Sequence[Any], user_ids: Sequence[Any]) -> list[float]:
         r"""
-        The rewards of `(prompt, completion)` rows for their users, without TRL's calling convention.
-
-        Args:
-            prompts (`Sequence`):
-                Prompts, as text or as lists of chat messages.
-            completions (`Sequence`):
-                Completions, as text or as lists of chat messages (one per prompt).
-            user_ids (`Sequence`):
-                The user of each row (`None` for the default routing).
+        The rewards of `(prompt, completion)` rows for their users, without TRL's calling convention: the arguments
+        of [`~trl_moe_rm.PersonalizedReward.score`] (a `None` user gets the default routing), scored by the server(s).
 
         Returns:
             `list[float]`: one reward per row.
