@@ -29,16 +29,8 @@ def _add_demo(subparsers) -> None:
 def _run_demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, run_demo
 
-    report = run_demo(
-        DemoConfig(
-            output_dir=args.output_dir,
-            quick=args.quick,
-            num_pairs_per_category=args.num_pairs_per_category,
-            num_train_epochs=args.num_train_epochs,
-            seed=args.seed,
-            backbone=args.backbone,
-        )
-    )
+    fields = ("output_dir", "quick", "num_pairs_per_category", "num_train_epochs", "seed", "backbone")
+    report = run_demo(DemoConfig(**{name: getattr(args, name) for name in fields}))
     return 0 if report else 1
 
 
@@ -269,40 +261,6 @@ def _select_split(dataset, requested: str | None):
     return dataset[split], split
 
 
-def _analysis_markdown(report: dict, records: list[dict], title: str, figures: dict[str, str]) -> str:
-    def cell(value) -> str:
-        if value is None:
-            return "—"
-        return f"{value:.3f}" if isinstance(value, float) else str(value).replace("|", "\\|")
-
-    lines = [f"# {title}", "", "| metric | value |", "|---|---:|"]
-    for name in ("accuracy", "conflict_accuracy", "nmi", "purity", "specialization", "description_accuracy"):
-        if name in report:
-            lines.append(f"| {name} | {cell(report[name])} |")
-    lines += ["", "## Experts", "", "| expert | load | description |", "|---:|---:|---|"]
-    lines += [f"| {r['expert']} | {cell(r.get('load'))} | {cell(r.get('description'))} |" for r in records]
-    if "routing_heatmap" in figures:
-        lines += ["", "## Routing", "", f"![Mean routing weight per category]({figures['routing_heatmap']})"]
-    if "expert_attribute" in figures:
-        figure = figures["expert_attribute"]
-        lines += ["", "## Experts and attributes", "", f"![Expert x attribute correlation]({figure})"]
-    if report.get("steering"):
-        lines += [
-            "",
-            "## Steering",
-            "",
-            "Putting all the weight on one expert: change of the fraction of pairs whose preferred response has the "
-            "expert's attribute value.",
-            "",
-            "| expert | attribute | rho | shift |",
-            "|---:|---|---:|---:|",
-        ]
-        lines += [
-            f"| {e['expert']} | {e['attribute']} | {cell(e['rho'])} | {cell(e['shift'])} |" for e in report["steering"]
-        ]
-    return "\n".join(lines) + "\n"
-
-
 def _run_analyze(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -406,6 +364,40 @@ def _run_analyze(args: argparse.Namespace) -> int:
     print(markdown)
     print(f"Wrote report.json, report.md, {EXPERTS_FILENAME} and {len(figures)} figure(s) to {output_dir}/")
     return 0
+
+
+def _analysis_markdown(report: dict, records: list[dict], title: str, figures: dict[str, str]) -> str:
+    def cell(value) -> str:
+        if value is None:
+            return "—"
+        return f"{value:.3f}" if isinstance(value, float) else str(value).replace("|", "\\|")
+
+    lines = [f"# {title}", "", "| metric | value |", "|---|---:|"]
+    for name in ("accuracy", "conflict_accuracy", "nmi", "purity", "specialization", "description_accuracy"):
+        if name in report:
+            lines.append(f"| {name} | {cell(report[name])} |")
+    lines += ["", "## Experts", "", "| expert | load | description |", "|---:|---:|---|"]
+    lines += [f"| {r['expert']} | {cell(r.get('load'))} | {cell(r.get('description'))} |" for r in records]
+    if "routing_heatmap" in figures:
+        lines += ["", "## Routing", "", f"![Mean routing weight per category]({figures['routing_heatmap']})"]
+    if "expert_attribute" in figures:
+        figure = figures["expert_attribute"]
+        lines += ["", "## Experts and attributes", "", f"![Expert x attribute correlation]({figure})"]
+    if report.get("steering"):
+        lines += [
+            "",
+            "## Steering",
+            "",
+            "Putting all the weight on one expert: change of the fraction of pairs whose preferred response has the "
+            "expert's attribute value.",
+            "",
+            "| expert | attribute | rho | shift |",
+            "|---:|---|---:|---:|",
+        ]
+        lines += [
+            f"| {e['expert']} | {e['attribute']} | {cell(e['rho'])} | {cell(e['shift'])} |" for e in report["steering"]
+        ]
+    return "\n".join(lines) + "\n"
 
 
 def _add_push(subparsers) -> None:

@@ -371,6 +371,7 @@ class MoERewardModel(MoERewardPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         prompt_lengths: torch.LongTensor | None = None,
+        *,
         paired: bool = False,
         inputs_embeds: torch.FloatTensor | None = None,
         **kwargs,

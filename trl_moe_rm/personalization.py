@@ -115,6 +115,7 @@ def fit_user_weights(
     tokenizer: PreTrainedTokenizerBase | None = None,
     mode: str = "static",
     beta: float = 1.0,
+    *,
     prior: str | Sequence[float] | None = None,
     prior_smoothing: float = 0.1,
     scores: PairScores | None = None,
