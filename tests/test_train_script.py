@@ -355,3 +355,47 @@ def test_cosine_diversity_trains_and_evaluates(tmp_path):
     predictions = trainer.predict(trainer.eval_dataset).predictions
     arrays = predictions if isinstance(predictions, tuple) else (predictions,)
     assert [array.shape[0] for array in arrays] == [16] * len(arrays)  # one row per sequence: no (K, D) weights
+
+
+# ------------------------------------------------------------------------------------------ launching from pip
+def test_launch_command_resolves_shipped_configs_and_adds_gloo_without_a_gpu(monkeypatch):
+    from trl_moe_rm.launch import accelerate_configs, launch_command
+
+    assert {"zero2", "zero3", "zero3_offload", "multi_gpu", "fsdp2", "cpu_zero2", "cpu_zero3", "cpu_fsdp2"} <= set(
+        accelerate_configs()
+    )
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    command = launch_command(["--accelerate_config", "zero3", "--num_processes=3", "--output_dir", "out"])
+    assert command[command.index("--config_file") + 1].endswith("accelerate_configs/zero3.yaml")
+    assert command[command.index("--num_processes") + 1] == "3"
+    script = command.index("trl_moe_rm.scripts.train")
+    assert command[script - 1 :] == ["-m", "trl_moe_rm.scripts.train", "--output_dir", "out", "--ddp_backend", "gloo"]
+    command = launch_command(["--accelerate_config", "zero3", "--ddp_backend", "ccl"])
+    assert command.count("--ddp_backend") == 1
+    with pytest.raises(ValueError, match="neither a shipped config"):
+        launch_command(["--accelerate_config", "zero4"])
+    with pytest.raises(ValueError, match="--num_processes must be a positive integer"):
+        launch_command(["--accelerate_config", "zero2", "--num_processes", "two"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["cpu_zero2", "cpu_fsdp2"])
+def test_train_launches_on_two_cpu_processes_from_the_cli(config, tmp_path, backbone_dir, pairs_jsonl):
+    """Issue 15: `trl-moe-rm train --accelerate_config NAME --num_processes 2`, with the packaged configs and no flag
+    for the CPU (gloo and float32 are picked automatically)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    command = [
+        sys.executable, "-m", "trl_moe_rm.cli", "train", "--accelerate_config", config, "--num_processes", "2",
+        "--model_name_or_path", str(backbone_dir), "--dataset_name", str(pairs_jsonl), "--output_dir", str(out),
+        "--num_train_epochs", "1", "--per_device_train_batch_size", "4", "--report_to", "none", "--disable_tqdm",
+        "true", "--save_strategy", "no", "--num_experts", "4",
+    ]  # fmt: skip
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert "--ddp_backend gloo" in result.stderr and "Training completed" in result.stdout
+    model = load_moe_reward_model(out)
+    assert model.config.num_experts == 4

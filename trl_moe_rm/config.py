@@ -216,6 +216,11 @@ class MoERewardConfig(RewardConfig):
     def __post_init__(self):
         if self.preset is not None:
             apply_preset(self, self.preset)
+        if self.ddp_backend is None and _deepspeed_launch_without_gpu():
+            # accelerate initialises no process group of its own for DeepSpeed on CPU processes: without gloo each
+            # process believes it runs alone, and DeepSpeed stops with "Check batch related parameters ... 8 != 8 * 1
+            # * 2" (accelerate 1.x with deepspeed 0.1x, CPU accelerator).
+            self.ddp_backend = "gloo"
         if self.bf16 is None and not self.fp16 and not _bf16_available(self.use_cpu):
             # TRL's configs default to bf16 (trl>=1.0), which transformers refuses on a machine without bf16 support
             # ("Your setup doesn't support bf16/gpu"); default to float32 there instead.
@@ -268,3 +273,12 @@ def _bf16_available(use_cpu: bool) -> bool:
     if use_cpu:
         return False
     return is_torch_bf16_gpu_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+
+
+def _deepspeed_launch_without_gpu() -> bool:
+    """Whether this process was started by `accelerate launch` with a DeepSpeed config on a machine without a GPU."""
+    import os
+
+    import torch
+
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and not torch.cuda.is_available()

@@ -39,11 +39,6 @@ def resolve_accelerate_config(name_or_path: str) -> Path:
     )
 
 
-def _is_deepspeed(config: Path) -> bool:
-    return any(line.split(":", 1)[1].strip() == "DEEPSPEED" for line in config.read_text().splitlines()
-               if line.strip().startswith("distributed_type:"))
-
-
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -75,8 +70,9 @@ def launch_command(argv: Sequence[str]) -> list[str]:
     """
     The `accelerate launch` command for a `trl-moe-rm train` command line that has launch flags.
 
-    A DeepSpeed config on a machine without a GPU gets `--ddp_backend gloo` (unless the flags set a backend): without
-    it accelerate believes it runs one process and DeepSpeed stops with "Check batch related parameters".
+    On a machine without a GPU the processes get `--ddp_backend gloo` (unless the flags set a backend): the CPU
+    backend of torch.distributed, which DeepSpeed and FSDP need there (without it, under DeepSpeed accelerate believes
+    it runs one process and DeepSpeed stops with "Check batch related parameters").
     """
     launch, rest = split_launch_args(argv)
     config = resolve_accelerate_config(launch.get("--accelerate_config", "multi_gpu"))
@@ -90,7 +86,7 @@ def launch_command(argv: Sequence[str]) -> list[str]:
     command += ["-m", "trl_moe_rm.scripts.train", *rest]
     import torch
 
-    if _is_deepspeed(config) and not torch.cuda.is_available() and not any(
+    if not torch.cuda.is_available() and not any(
         arg.split("=", 1)[0] == "--ddp_backend" for arg in rest
     ):
         command += ["--ddp_backend", "gloo"]
