@@ -12,7 +12,7 @@ TRL_PPO_VERSION ?= 1.12.0
 TRL_MIN_VERSION ?= 1.0.0
 TRL_MIN_TESTS ?= tests/test_trainer.py tests/test_modeling.py tests/test_personalization.py tests/test_rewards.py
 
-.PHONY: setup test test-unit test-ppo test-trl-min demo lint clean
+.PHONY: setup test test-slow test-unit test-ppo test-trl-min demo lint clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,7 +30,7 @@ lint: setup
 
 # The whole suite, slow end-to-end runs included. pytest exits 5 when it collects nothing; that is not a failure.
 test: lint
-	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; rc=0; fi; exit $$rc
+	$(PY) -m pytest -m "not extended" $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; rc=0; fi; exit $$rc
 	$(MAKE) test-ppo
 	$(MAKE) test-trl-min
 
@@ -47,6 +47,10 @@ test-ppo: .venv-trl-$(TRL_PPO_VERSION)/.installed
 # The oldest supported trl: the fast trainer, model, personalization and reward tests.
 test-trl-min: .venv-trl-$(TRL_MIN_VERSION)/.installed
 	.venv-trl-$(TRL_MIN_VERSION)/bin/python -m pytest -p no:cacheprovider -m "not slow" $(TRL_MIN_TESTS)
+
+# Slow runs that only repeat what `make test` already covers (another entry point to the same path).
+test-slow: setup
+	$(PY) -m pytest -m extended $(PYTEST_ARGS)
 
 test-unit: lint
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)

@@ -1,28 +1,35 @@
 r"""
-Few-shot personalization benchmark: k-shot accuracy curves of the sparse MoE (three fitting methods), the dense MoE,
+Few-shot personalization benchmark: k-shot accuracy curves of the sparse MoE (several fitting methods), the dense MoE,
 DRMs (PCA heads + HyRe), the single Bradley-Terry head and a per-user oracle, on the same frozen backbone features.
 
-Datasets:
+Datasets (all hidden-context: the prompt does not reveal who judges a pair):
 
 - `controlled`: simulated users (`make_users`, Dirichlet mixtures of the six controlled preference directions), each
-  labelling random prompts ([`make_user_pairs`]): the prompt does not reveal the user.
+  labelling random prompts ([`make_user_pairs`]).
 - `dsp`: DSP with each domain as a user (domain-vs-domain pairs, split by query, `normal` excluded); needs the data
   (`--data_dir` or `$TRL_MOE_RM_DATA`), otherwise it is skipped with a message.
+- `hidden`: [`benchmarks.hidden_users`]: six user types judging one shared pool of everyday-advice prompts by opposite
+  attributes (budget, layout, voice), plus users who mix two of them; split by prompt.
 
 Every (prompt, response) text is encoded once with the frozen backbone (all-MiniLM-L6-v2 by default, mean pooling) and
 cached on disk (`--cache_dir`, default `$TMPDIR/trl_moe_rm_bench`); the MoE heads are trained by [`MoERewardTrainer`]
-on those cached features (`freeze_backbone=True, cache_features=True`): no backbone pass per training step, so a
-dataset takes tens of minutes on a busy 2-core CPU (mostly the MoE variants' training).
+on those cached features (`freeze_backbone=True, cache_features=True`): no backbone pass per training step.
 
 For each user and each `k` in `--ks`, `--num_draws` random sets of `k` shots are drawn from the user's training pairs;
-each method is adapted on the shots and scored on all of the user's held-out pairs. The table reports, per `k`, the
-mean over draws of the users' mean accuracy and its 95% Student-t interval over the draws ([`mean_ci`]); a tie (equal
-rewards) counts as half a correct pair.
+each method is adapted on the shots and scored on all of the user's held-out pairs. Each training seed (`--seeds`)
+trains the MoE variants and draws its own shots (the same for every method). The table reports, per `k`, the mean over
+seeds and draws of the users' mean accuracy and its 95% Student-t interval over the `seeds x draws` values
+([`pool_seeds`]); a tie (equal rewards) counts as half a correct pair. It also reports each variant's *expert ceiling*
+([`expert_ceiling`]: the best convex combination of its experts fitted on all of a user's training pairs), the gap of
+the recommended recipe ([`RECIPE`]) to the oracle split into experts and fit, and, with `--epoch_curve`, the recipe's
+k-shot curve against the number of training epochs.
 
 Usage:
 
 ```bash
-python -m benchmarks.personalization --datasets controlled dsp --output_dir /tmp/personalization_bench
+python -m benchmarks.personalization --datasets controlled dsp hidden --seeds 0 1 2 --epoch_curve 0 1 3 6 12 \
+    --variants dense sparse_assign_pca hidden_context --methods hyre gradient gradient_l2 --priors uniform \
+    --skip_speed --output_dir /tmp/personalization_bench
 python -m benchmarks.personalization --speed_only
 ```
 """
@@ -366,7 +373,8 @@ def kshot_curves(
 
     Returns:
         `list[dict]`, one per `k`: `k`, `mean`, `low`, `high` (the mean over draws of the users' mean accuracy and its
-        95% interval over the draws, [`mean_ci`]), `per_user` (each user's mean accuracy over draws).
+        95% interval over the draws, [`mean_ci`]), `per_user` (each user's mean accuracy over draws) and `draws` (the
+        users' mean accuracy of each draw, which [`pool_seeds`] pools over training seeds).
     """
     results = []
     for k in ks:
@@ -381,11 +389,89 @@ def kshot_curves(
         for position, user in enumerate(users):
             block = weights[position * num_draws : (position + 1) * num_draws]  # (D, K)
             accuracy[position] = correct(test_deltas[user] @ block.T).mean(axis=0)
-        mean, low, high = mean_ci(accuracy.mean(axis=0))
+        draws = accuracy.mean(axis=0)
+        mean, low, high = mean_ci(draws)
         results.append(
-            {"k": int(k), "mean": mean, "low": low, "high": high, "per_user": accuracy.mean(axis=1).tolist()}
+            {
+                "k": int(k),
+                "mean": mean,
+                "low": low,
+                "high": high,
+                "per_user": accuracy.mean(axis=1).tolist(),
+                "draws": draws.tolist(),
+            }
         )
     return results
+
+
+def pool_seeds(runs: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:
+    r"""
+    Pool the k-shot curves of several training seeds (each from [`kshot_curves`], with that seed's shot draws): per `k`,
+    the mean over all `seeds x draws` values with its 95% Student-t interval ([`mean_ci`]), `seed_means` (each seed's
+    mean) and `per_user` (averaged over seeds).
+    """
+    pooled = []
+    for k in sorted({entry["k"] for run in runs for entry in run}):
+        entries = [entry for run in runs for entry in run if entry["k"] == k]
+        mean, low, high = mean_ci(np.concatenate([entry["draws"] for entry in entries]))
+        pooled.append(
+            {
+                "k": k,
+                "mean": mean,
+                "low": low,
+                "high": high,
+                "seed_means": [entry["mean"] for entry in entries],
+                "per_user": np.mean([entry["per_user"] for entry in entries], axis=0).tolist(),
+            }
+        )
+    return pooled
+
+
+def pool_constants(outcomes_by_seed: Sequence[Sequence[np.ndarray]]) -> dict[str, Any]:
+    """[`constant_accuracy`] of the held-out outcomes of every seed together, with each seed's accuracy."""
+    pooled = constant_accuracy([np.concatenate(parts) for parts in zip(*outcomes_by_seed)])
+    pooled["seed_means"] = [float(np.mean(np.concatenate(outcomes))) for outcomes in outcomes_by_seed]
+    return pooled
+
+
+def _best_convex_combination(deltas: np.ndarray, max_iter: int = 200) -> np.ndarray:
+    """`argmin` of the Bradley-Terry loss of `c * softmax(theta)` over `(theta, c > 0)`, as weights `softmax(theta)`."""
+    deltas = torch.from_numpy(np.asarray(deltas, dtype=np.float64))
+    scale = deltas.pow(2).mean(dim=0).sqrt().clamp_min(1e-12)  # heads on a common scale: better conditioned
+    theta = torch.zeros(deltas.shape[1], dtype=torch.float64, requires_grad=True)
+    log_scale = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([theta, log_scale], max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        weights = log_scale.exp() * torch.softmax(theta, dim=0)
+        loss = torch.nn.functional.softplus(-(deltas / scale) @ weights).mean()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return (torch.softmax(theta.detach(), dim=0) / scale).numpy()
+
+
+def expert_ceiling(
+    train_deltas: np.ndarray,
+    test_deltas: np.ndarray,
+    train_rows: Sequence[np.ndarray],
+    test_rows: Sequence[np.ndarray],
+) -> list[np.ndarray]:
+    r"""
+    The ceiling of any simplex fit: for each user, the best convex combination of the heads fitted on **all** of the
+    user's training pairs (`w = c * softmax(theta)`, Bradley-Terry loss, L-BFGS in float64; the free scale `c > 0`
+    lets the combination be as confident as the data allows), scored on the user's held-out pairs.
+
+    Returns:
+        `list[np.ndarray]`: each user's held-out outcomes (1, 0, or 0.5 for a tie), as for [`constant_accuracy`].
+    """
+    return [
+        correct(np.asarray(test_deltas[test], dtype=np.float64) @ _best_convex_combination(train_deltas[train]))
+        for train, test in zip(train_rows, test_rows)
+    ]
 
 
 def constant_accuracy(correct_by_user: Sequence[np.ndarray]) -> dict[str, Any]:
@@ -415,17 +501,38 @@ def moe_fitter(model, train_scores: PairScores, rows_by_user: Sequence[np.ndarra
     return fit
 
 
-def drm_fitter(train_deltas: np.ndarray, rows_by_user: Sequence[np.ndarray], temperature: float = 1.0) -> Fitter:
-    """Adapt DRM heads with HyRe on the shots."""
+def drm_fitter(
+    train_deltas: np.ndarray,
+    rows_by_user: Sequence[np.ndarray],
+    temperature: float = 1.0,
+    method: str = "hyre",
+    **method_kwargs,
+) -> Fitter:
+    """Adapt DRM heads on the shots: HyRe (the DRM recipe), or another method of `FIT_METHODS` (uniform prior)."""
+    from trl_moe_rm.fitting import FIT_METHODS
+
+    if method == "hyre":
+        method_kwargs = {"temperature": temperature, **method_kwargs}
 
     def fit(users: np.ndarray, shot_rows: np.ndarray) -> np.ndarray:
         rows = np.stack([rows_by_user[user][shots] for user, shots in zip(users, shot_rows)])
         deltas = torch.from_numpy(train_deltas[rows])  # (B, k, K)
-        from trl_moe_rm.fitting import fit_hyre
-
-        return fit_hyre(deltas, temperature=temperature).double().numpy()
+        return FIT_METHODS[method](deltas, **method_kwargs).double().numpy()
 
     return fit
+
+
+FIT_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
+    "hedge": ("hedge", {}),
+    "hyre": ("hyre", {}),
+    "gradient": ("gradient", {}),
+    "gradient_l2": ("gradient", {"l2": 1.0}),
+}
+"""The fits compared, by row name: `(method of fit_users, its keyword arguments)`."""
+
+RECIPE = {"variant": "hidden_context", "fit": "gradient_l2", "prior": "uniform"}
+"""The recommended hidden-context recipe: the `hidden_context` variant, adapted by `fit_users(method="gradient",
+l2=1.0, prior="uniform")`."""
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -477,6 +584,33 @@ MOE_VARIANTS: dict[str, dict[str, Any]] = {
         "sparsity_coef": 0.001,
         "expert_init": "pca",
     },
+    # The recommended hidden-context recipe: 32 experts, half signed principal directions of the standardised
+    # differences, half response-cluster heads, refined by the assignment loss (its own K, whatever --num_experts).
+    "hidden_context": {
+        "num_experts": 32,
+        "top_k": 2,
+        "loss_type": "assignment",
+        "assignment_temperature": 0.5,
+        "balance_coef": 0.0,
+        "expert_init": "pca_clusters",
+    },
+    # Ablations of the recipe: only signed principal directions (no cluster heads), and 8 experts instead of 32.
+    "hidden_context_pca_only": {
+        "num_experts": 32,
+        "top_k": 2,
+        "loss_type": "assignment",
+        "assignment_temperature": 0.5,
+        "balance_coef": 0.0,
+        "expert_init": "pca",
+    },
+    "hidden_context_k8": {
+        "num_experts": 8,
+        "top_k": 2,
+        "loss_type": "assignment",
+        "assignment_temperature": 0.5,
+        "balance_coef": 0.0,
+        "expert_init": "pca_clusters",
+    },
 }
 
 
@@ -503,12 +637,17 @@ def train_moe(
     batch_size: int = 64,
     seed: int = 0,
 ):
-    """Train a MoE head with [`MoERewardTrainer`] (frozen backbone, cached features) on the pooled training pairs."""
+    """
+    Train a MoE head with [`MoERewardTrainer`] (frozen backbone, cached features) on the pooled training pairs. A
+    variant's own `num_experts` overrides the argument; `num_train_epochs=0` returns the trainer untrained (the experts
+    as `expert_init` set them).
+    """
     from transformers import PrinterCallback, set_seed
 
     from trl_moe_rm import MoERewardConfig, MoERewardModel, MoERewardTrainer
 
     settings = dict(settings)
+    num_experts = settings.pop("num_experts", num_experts)
     top_k = num_experts if settings.get("top_k") == "K" else settings.pop("top_k", 2)
     settings.pop("top_k", None)
     set_seed(seed)
@@ -539,7 +678,8 @@ def train_moe(
     )
     trainer = MoERewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
     trainer.remove_callback(PrinterCallback)
-    trainer.train()
+    if num_train_epochs > 0:
+        trainer.train()
     return trainer
 
 
@@ -643,16 +783,28 @@ def evaluate_benchmark(
     num_draws: int = 20,
     num_experts: int = 8,
     num_train_epochs: float = 6,
-    seed: int = 0,
+    seeds: Sequence[int] = (0,),
     priors: Sequence[str] = ("routing",),
+    epoch_curve: Sequence[float] = (),
 ) -> dict[str, Any]:
-    """All methods on one dataset: returns `{"curves": {method: [...]}, "constant": {...}, "timings": {...}}`."""
+    r"""
+    All methods on one dataset, for each training seed in `seeds` (seed `s` trains the MoE variants and draws the shots
+    of every method); the curves are pooled over seeds ([`pool_seeds`]).
+
+    Besides the k-shot curves it measures, per variant, the *expert ceiling* ([`expert_ceiling`]: the best convex
+    combination of the experts fitted on all of a user's training pairs) and, with `epoch_curve`, the k-shot curve of
+    the [`RECIPE`] variant and fit after each number of training epochs (0: the experts as initialised).
+
+    Returns:
+        `{"curves": {row: [...]}, "constant": {row: {...}}, "epoch_curve": {epochs: [...]}, "timings": {...},
+        "extra": {...}}`.
+    """
     num_users = len(bench.users)
     train_rows = _rows_by_user(bench.train, num_users)
     test_rows = _rows_by_user(bench.test, num_users)
     num_train = [len(rows) for rows in train_rows]
-    curves: dict[str, list[dict[str, Any]]] = {}
-    constant: dict[str, dict[str, Any]] = {}
+    runs: dict[str, list[list[dict[str, Any]]]] = {}
+    outcomes: dict[str, list[list[np.ndarray]]] = {}
     timings: dict[str, float] = {}
     extra: dict[str, Any] = {}
 
@@ -660,95 +812,145 @@ def evaluate_benchmark(
         chosen, rejected = pairs.features["chosen_features"], pairs.features["rejected_features"]
         return (chosen, rejected) if rows is None else (chosen[rows], rejected[rows])
 
+    def curve(name: str, test_deltas: np.ndarray, fit: Fitter, seed: int) -> None:
+        per_user = [test_deltas[rows] for rows in test_rows]
+        runs.setdefault(name, []).append(kshot_curves(num_train, per_user, fit, ks, num_draws, seed))
+
     # Single Bradley-Terry head on everybody's pairs (unadapted), and each user's oracle; the ridge penalty of each is
-    # chosen by 5-fold cross-validation on its own training pairs.
+    # chosen by 5-fold cross-validation on its own training pairs (deterministic: computed once).
     start = time.perf_counter()
-    l2 = cross_validated_l2(*features(bench.train), seed=seed)
+    l2 = cross_validated_l2(*features(bench.train), seed=seeds[0])
     head = fit_bradley_terry_head(*features(bench.train), l2=l2)
     test_diff = (features(bench.test)[0] - features(bench.test)[1]).double()
-    constant["single_head"] = constant_accuracy([correct((test_diff[rows] @ head).numpy()) for rows in test_rows])
+    outcomes["single_head"] = [[correct((test_diff[rows] @ head).numpy()) for rows in test_rows]]
     extra["single_head_l2"] = l2
     oracle_correct, oracle_l2 = [], []
     for user in range(num_users):
-        user_l2 = cross_validated_l2(*features(bench.train, train_rows[user]), seed=seed)
+        user_l2 = cross_validated_l2(*features(bench.train, train_rows[user]), seed=seeds[0])
         user_head = fit_bradley_terry_head(*features(bench.train, train_rows[user]), l2=user_l2)
         oracle_correct.append(correct((test_diff[test_rows[user]] @ user_head).numpy()))
         oracle_l2.append(user_l2)
-    constant["oracle"] = constant_accuracy(oracle_correct)
+    outcomes["oracle"] = [oracle_correct]
     extra["oracle_l2"] = oracle_l2
     timings["single_and_oracle_s"] = time.perf_counter() - start
 
     # DRM: K principal directions of the training differences as heads, HyRe on the shots. `drm_hyre_signed` uses
-    # K/2 directions with both signs (the same K heads the PCA initialisation gives the MoE, before any training).
+    # K/2 directions with both signs (the same K heads `expert_init="pca"` gives the MoE, before any training);
+    # `drm_signed_<fit>` adapts those heads with the recipe's fit instead of HyRe.
     start = time.perf_counter()
+    method, method_kwargs = FIT_SPECS[RECIPE["fit"]]
     for name, num_heads, signed in (("drm_hyre", num_experts, False), ("drm_hyre_signed", num_experts // 2, True)):
         drm = DecomposedRewardHeads.fit(*features(bench.train), num_heads=num_heads)
         drm_train = drm.deltas(*features(bench.train), signed=signed)
         drm_test = drm.deltas(*features(bench.test), signed=signed)
-        curves[name] = kshot_curves(
-            num_train, [drm_test[rows] for rows in test_rows], drm_fitter(drm_train, train_rows), ks, num_draws, seed
-        )
+        for seed in seeds:
+            curve(name, drm_test, drm_fitter(drm_train, train_rows), seed)
+            if signed:
+                curve(
+                    f"drm_signed_{RECIPE['fit']}",
+                    drm_test,
+                    drm_fitter(drm_train, train_rows, method=method, **method_kwargs),
+                    seed,
+                )
+        outcomes[f"{name}_ceiling"] = [expert_ceiling(drm_train, drm_test, train_rows, test_rows)]
     timings["drm_s"] = time.perf_counter() - start
 
     for variant in variants:
-        start = time.perf_counter()
-        trainer = train_moe(
-            bench.train,
-            bench.users,
-            MOE_VARIANTS[variant],
-            backbone,
-            tokenizer,
-            output_dir / variant,
-            num_experts=num_experts,
-            num_train_epochs=num_train_epochs,
-            seed=seed,
-        )
-        timings[f"{variant}_train_s"] = time.perf_counter() - start
-        model = trainer.model.eval()
-        train_scores = scores_from_features(model, bench.train.features)
-        test_scores = scores_from_features(model, bench.test.features)
-        test_deltas = [test_scores.expert_deltas[rows] for rows in test_rows]
-        constant[f"{variant}_unadapted"] = constant_accuracy(
-            [correct(test_scores.reward_deltas[rows]) for rows in test_rows]
-        )
-        if MOE_VARIANTS[variant].get("learn_user_weights"):
-            # Seen users: the weights learned jointly with the model on all of each user's training pairs.
-            profiles = trainer.export_user_profiles()
-            constant[f"{variant}_joint_profiles"] = constant_accuracy(
-                [
-                    correct(test_scores.expert_deltas[rows] @ np.asarray(profiles[bench.users[user]].expert_weights))
-                    for user, rows in enumerate(test_rows)
-                ]
+        for seed in seeds:
+            start = time.perf_counter()
+            trainer = train_moe(
+                bench.train,
+                bench.users,
+                MOE_VARIANTS[variant],
+                backbone,
+                tokenizer,
+                output_dir / variant,
+                num_experts=num_experts,
+                num_train_epochs=num_train_epochs,
+                seed=seed,
             )
-        extra[f"{variant}_expert_accuracy_by_user"] = [
-            (test_scores.expert_deltas[rows] > 0).mean(axis=0).round(3).tolist() for rows in test_rows
-        ]
-        for method in methods:
-            for prior in priors:
-                name = f"{variant}_{method}" + ("" if prior == "routing" else f"_{prior}")
-                start = time.perf_counter()
-                curves[name] = kshot_curves(
-                    num_train,
-                    test_deltas,
-                    moe_fitter(model, train_scores, train_rows, method, prior=prior),
-                    ks,
-                    num_draws,
-                    seed,
+            timings[f"{variant}_train_s"] = timings.get(f"{variant}_train_s", 0.0) + time.perf_counter() - start
+            model = trainer.model.eval()
+            train_scores = scores_from_features(model, bench.train.features)
+            test_scores = scores_from_features(model, bench.test.features)
+            outcomes.setdefault(f"{variant}_unadapted", []).append(
+                [correct(test_scores.reward_deltas[rows]) for rows in test_rows]
+            )
+            outcomes.setdefault(f"{variant}_ceiling", []).append(
+                expert_ceiling(train_scores.expert_deltas, test_scores.expert_deltas, train_rows, test_rows)
+            )
+            if MOE_VARIANTS[variant].get("learn_user_weights"):
+                # Seen users: the weights learned jointly with the model on all of each user's training pairs.
+                profiles = trainer.export_user_profiles()
+                outcomes.setdefault(f"{variant}_joint_profiles", []).append(
+                    [
+                        correct(
+                            test_scores.expert_deltas[rows] @ np.asarray(profiles[bench.users[user]].expert_weights)
+                        )
+                        for user, rows in enumerate(test_rows)
+                    ]
                 )
-                timings[f"{name}_fit_s"] = time.perf_counter() - start
-        print(f"[{bench.name}] {variant}: " + _summary(curves, constant, variant), flush=True)
-    return {"curves": curves, "constant": constant, "timings": timings, "extra": extra}
+            extra.setdefault(f"{variant}_expert_accuracy_by_user", []).append(
+                [(test_scores.expert_deltas[rows] > 0).mean(axis=0).round(3).tolist() for rows in test_rows]
+            )
+            for fit_name in methods:
+                method, method_kwargs = FIT_SPECS[fit_name]
+                for prior in priors:
+                    name = f"{variant}_{fit_name}" + ("" if prior == "routing" else f"_{prior}")
+                    start = time.perf_counter()
+                    fit = moe_fitter(model, train_scores, train_rows, method, prior=prior, **method_kwargs)
+                    curve(name, test_scores.expert_deltas, fit, seed)
+                    timings[f"{name}_fit_s"] = timings.get(f"{name}_fit_s", 0.0) + time.perf_counter() - start
+        print(f"[{bench.name}] {variant}: " + _summary(runs, variant), flush=True)
+
+    # The recipe's k-shot curve against the training length (0 epochs: the experts as initialised).
+    epoch_runs: dict[float, list[list[dict[str, Any]]]] = {}
+    method, method_kwargs = FIT_SPECS[RECIPE["fit"]]
+    for epochs in epoch_curve:
+        for seed in seeds:
+            trainer = train_moe(
+                bench.train,
+                bench.users,
+                MOE_VARIANTS[RECIPE["variant"]],
+                backbone,
+                tokenizer,
+                output_dir / f"{RECIPE['variant']}_epochs",
+                num_experts=num_experts,
+                num_train_epochs=epochs,
+                seed=seed,
+            )
+            model = trainer.model.eval()
+            train_scores = scores_from_features(model, bench.train.features)
+            test_deltas = scores_from_features(model, bench.test.features).expert_deltas
+            fit = moe_fitter(model, train_scores, train_rows, method, prior=RECIPE["prior"], **method_kwargs)
+            per_user = [test_deltas[rows] for rows in test_rows]
+            epoch_runs.setdefault(epochs, []).append(kshot_curves(num_train, per_user, fit, ks, num_draws, seed))
+        print(
+            f"[{bench.name}] {RECIPE['variant']} after {epochs:g} epochs: " + _at_k(pool_seeds(epoch_runs[epochs])),
+            flush=True,
+        )
+    return {
+        "curves": {name: pool_seeds(seed_runs) for name, seed_runs in runs.items()},
+        "constant": {name: pool_constants(seed_outcomes) for name, seed_outcomes in outcomes.items()},
+        "epoch_curve": {f"{epochs:g}": pool_seeds(seed_runs) for epochs, seed_runs in epoch_runs.items()},
+        "seeds": list(seeds),
+        "timings": timings,
+        "extra": extra,
+    }
 
 
-def _summary(curves, constant, variant: str, k: int = 8) -> str:
-    parts = [f"unadapted {constant[f'{variant}_unadapted']['mean']:.3f}"]
-    for name, curve in curves.items():
-        if name.startswith(variant + "_") and not any(
-            name.startswith(other + "_") and len(other) > len(variant) for other in MOE_VARIANTS
-        ):
-            value = next((entry["mean"] for entry in curve if entry["k"] == k), float("nan"))
-            parts.append(f"{name[len(variant) + 1 :]}@{k} {value:.3f}")
-    return ", ".join(parts)
+def _at_k(curve: Sequence[dict[str, Any]], k: int = 8) -> str:
+    return next((f"{entry['mean']:.3f}@{k}" for entry in curve if entry["k"] == k), "—")
+
+
+def _summary(runs: dict[str, list[list[dict[str, Any]]]], variant: str, k: int = 8) -> str:
+    """The variant's k-shot accuracy at `k` for each fit, pooled over the seeds run so far."""
+    return ", ".join(
+        f"{name[len(variant) + 1 :]} {_at_k(pool_seeds(seed_runs), k)}"
+        for name, seed_runs in runs.items()
+        if name.startswith(variant + "_")
+        and not any(name.startswith(other + "_") and len(other) > len(variant) for other in MOE_VARIANTS)
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -841,65 +1043,128 @@ def _cell(entry: dict[str, Any]) -> str:
     return f"{entry['mean']:.3f} [{entry['low']:.3f}, {entry['high']:.3f}]"
 
 
+def recipe_row() -> str:
+    """The row name of the [`RECIPE`] in a result's curves."""
+    prior = "" if RECIPE["prior"] == "routing" else f"_{RECIPE['prior']}"
+    return f"{RECIPE['variant']}_{RECIPE['fit']}{prior}"
+
+
 def markdown_table(result: dict[str, Any], ks: Sequence[int]) -> str:
-    """One row per method, one column per k (mean [95% CI]); unadapted methods repeat their value in one column."""
-    lines = ["| method | " + " | ".join(f"k={k}" for k in ks) + " |", "|---" * (len(ks) + 1) + "|"]
-    for name, curve in result["curves"].items():
+    """
+    One row per method, one column per k (mean [95% CI over seeds x draws]); then the methods without shots (95% CI
+    over held-out pairs of every seed), the recipe's curve against the training epochs, and the decomposition of its gap
+    to the oracle.
+    """
+    header = ["| method | " + " | ".join(f"k={k}" for k in ks) + " |", "|---" * (len(ks) + 1) + "|"]
+
+    def row(name: str, curve: Sequence[dict[str, Any]]) -> str:
         by_k = {entry["k"]: entry for entry in curve}
-        lines.append(f"| {name} | " + " | ".join(_cell(by_k.get(k)) for k in ks) + " |")
-    lines += ["", "| unadapted method | accuracy [95% CI over held-out pairs] |", "|---|---|"]
-    for name, entry in result["constant"].items():
-        lines.append(f"| {name} | {_cell(entry)} |")
+        return f"| {name} | " + " | ".join(_cell(by_k.get(k)) for k in ks) + " |"
+
+    lines = header + [row(name, curve) for name, curve in result["curves"].items()]
+    lines += ["", "| method without shots | accuracy [95% CI over held-out pairs] |", "|---|---|"]
+    lines += [f"| {name} | {_cell(entry)} |" for name, entry in result["constant"].items()]
+    if result.get("epoch_curve"):
+        lines += ["", f"`{recipe_row()}` after n training epochs:", ""]
+        lines += [line.replace("| method |", "| epochs |") for line in header]
+        lines += [row(epochs, curve) for epochs, curve in result["epoch_curve"].items()]
+    decomposition = gap_decomposition(result, ks)
+    if decomposition:
+        lines += ["", "Gap to the oracle (points): experts = oracle - ceiling, fit = ceiling - k-shot:", ""]
+        lines += ["| | " + " | ".join(f"k={k}" for k in ks) + " |", "|---" * (len(ks) + 1) + "|"]
+        for part in ("experts", "fit", "total"):
+            lines.append(f"| {part} | " + " | ".join(f"{decomposition[k][part]:+.1f}" for k in ks) + " |")
     return "\n".join(lines) + "\n"
 
 
-def check_targets(result: dict[str, Any], k: int = 8) -> dict[str, Any]:
-    """The DSP targets at `k`: the best MoE configuration against DRM-HyRe, the dense MoE, the single head, the oracle."""
-
-    def at_k(name: str) -> float:
-        return next(entry["mean"] for entry in result["curves"][name] if entry["k"] == k)
-
-    # Unseen-user adaptation only: the joint variant trained with the users' ids is reported separately.
-    moe = {
-        name: at_k(name) for name in result["curves"] if not name.startswith(("drm", "dense")) and "joint" not in name
-    }
-    dense = max((at_k(name) for name in result["curves"] if name.startswith("dense")), default=float("nan"))
-    best_name = max(moe, key=moe.get)
-    best = moe[best_name]
-    drm = at_k("drm_hyre")
-    single = result["constant"]["single_head"]["mean"]
+def gap_decomposition(result: dict[str, Any], ks: Sequence[int]) -> dict[int, dict[str, float]]:
+    """
+    The recipe's gap to the oracle at each `k`, in points: `experts` (oracle - expert ceiling: what no fit of these
+    experts can recover) and `fit` (ceiling - k-shot accuracy: what the few-shot fit leaves); empty without the recipe.
+    """
+    curve = {entry["k"]: entry["mean"] for entry in result["curves"].get(recipe_row(), [])}
+    ceiling = result["constant"].get(f"{RECIPE['variant']}_ceiling")
+    if not curve or ceiling is None:
+        return {}
     oracle = result["constant"]["oracle"]["mean"]
     return {
-        "k": k,
-        "best_moe": best_name,
-        "best_moe_accuracy": best,
-        "beats_drm_hyre": {"value": [best, drm], "passed": best > drm},
-        "beats_dense_moe": {"value": [best, dense], "passed": best > dense},
-        "at_least_15_points_above_single_head": {"value": [best, single], "passed": best >= single + 0.15},
-        "within_5_points_of_oracle": {"value": [best, oracle], "passed": best >= oracle - 0.05},
+        k: {
+            "experts": 100 * (oracle - ceiling["mean"]),
+            "fit": 100 * (ceiling["mean"] - curve[k]),
+            "total": 100 * (oracle - curve[k]),
+        }
+        for k in ks
+        if k in curve
     }
+
+
+def check_targets(result: dict[str, Any], k: int = 8) -> dict[str, Any]:
+    """
+    The targets of the recipe ([`RECIPE`]) on one dataset: at or above DRM-HyRe and the signed PCA heads at every
+    `k >= 2`, outside their 95% intervals at `k`; a k-shot accuracy at `k` that never falls below the previous training
+    length's interval (rises or stays flat); and the oracle, expert ceiling and k-shot accuracy.
+    """
+    curves = {name: {entry["k"]: entry for entry in curve} for name, curve in result["curves"].items()}
+    recipe = curves[recipe_row()]
+    targets: dict[str, Any] = {"k": k, "recipe": recipe_row()}
+    for baseline in ("drm_hyre", "drm_hyre_signed"):
+        other = curves[baseline]
+        shared = [shots for shots in recipe if shots >= 2 and shots in other]
+        targets[f"at_or_above_{baseline}_every_k"] = {
+            "value": {shots: [recipe[shots]["mean"], other[shots]["mean"]] for shots in shared},
+            "passed": all(recipe[shots]["mean"] >= other[shots]["mean"] for shots in shared),
+        }
+        targets[f"outside_{baseline}_interval_at_k"] = {
+            "value": [recipe[k]["low"], other[k]["high"]],
+            "passed": recipe[k]["low"] > other[k]["high"],
+        }
+    epochs = [{entry["k"]: entry for entry in curve}[k] for curve in result.get("epoch_curve", {}).values()]
+    if epochs:
+        targets["epoch_curve_rises_or_flat"] = {
+            "value": {name: entry["mean"] for name, entry in zip(result["epoch_curve"], epochs)},
+            "passed": all(later["mean"] >= earlier["low"] for earlier, later in zip(epochs, epochs[1:])),
+        }
+    targets["oracle"] = result["constant"]["oracle"]["mean"]
+    targets["expert_ceiling"] = result["constant"][f"{RECIPE['variant']}_ceiling"]["mean"]
+    targets["recipe_at_k"] = recipe[k]["mean"]
+    return targets
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--datasets", nargs="+", default=["controlled", "dsp"], choices=["controlled", "dsp"])
+    parser.add_argument(
+        "--datasets", nargs="+", default=["controlled", "dsp", "hidden"], choices=["controlled", "dsp", "hidden"]
+    )
     parser.add_argument("--data_dir", default=None, help="Directory of the real data (default: $TRL_MOE_RM_DATA).")
     parser.add_argument("--cache_dir", default=None, help="Feature cache (default: <tmp>/trl_moe_rm_bench).")
     parser.add_argument("--output_dir", default=None, help="Where results.json / results.md go (default: cache).")
     parser.add_argument("--backbone", default=None, help="Backbone path (default: the packaged all-MiniLM-L6-v2).")
     parser.add_argument("--variants", nargs="*", default=list(MOE_VARIANTS), choices=list(MOE_VARIANTS))
-    parser.add_argument("--methods", nargs="+", default=["hedge", "hyre", "gradient"])
+    parser.add_argument("--methods", nargs="+", default=["hedge", "hyre", "gradient"], choices=list(FIT_SPECS))
     parser.add_argument("--priors", nargs="+", default=["routing"], choices=["routing", "uniform"])
     parser.add_argument("--ks", nargs="+", type=int, default=list(DEFAULT_KS))
     parser.add_argument("--num_draws", type=int, default=20)
     parser.add_argument("--num_experts", type=int, default=8)
     parser.add_argument("--num_train_epochs", type=float, default=6)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the data (DSP split, simulated users).")
+    parser.add_argument(
+        "--seeds", nargs="+", type=int, default=[0], help="Training seeds (each also draws its own shots)."
+    )
+    parser.add_argument(
+        "--epoch_curve",
+        nargs="*",
+        type=float,
+        default=[],
+        help="Also train the recipe for each of these numbers of epochs (0: as initialised) and report its curve.",
+    )
     parser.add_argument("--controlled_users", type=int, default=16)
     parser.add_argument("--controlled_train_pairs", type=int, default=160)
     parser.add_argument("--controlled_test_pairs", type=int, default=80)
+    parser.add_argument("--hidden_mixed_users", type=int, default=6)
+    parser.add_argument("--hidden_train_pairs", type=int, default=200)
+    parser.add_argument("--hidden_test_pairs", type=int, default=100)
     parser.add_argument(
         "--finetune_pairs",
         type=int,
@@ -932,6 +1197,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             start = time.perf_counter()
             if name == "dsp":
                 bench = build_dsp(model, tokenizer, args.data_dir, cache_dir, seed=args.seed)
+            elif name == "hidden":
+                bench = build_hidden(
+                    model,
+                    tokenizer,
+                    cache_dir,
+                    num_mixed=args.hidden_mixed_users,
+                    train_pairs=args.hidden_train_pairs,
+                    test_pairs=args.hidden_test_pairs,
+                    seed=args.seed,
+                )
             else:
                 bench = build_controlled(
                     model,
@@ -960,14 +1235,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     num_draws=args.num_draws,
                     num_experts=args.num_experts,
                     num_train_epochs=args.num_train_epochs,
-                    seed=args.seed,
+                    seeds=args.seeds,
                     priors=args.priors,
+                    epoch_curve=args.epoch_curve,
                 )
             )
             if result is not None:
                 result["info"] = bench.info
                 result["seconds"] = time.perf_counter() - start
-                if name == "dsp" and 8 in args.ks:
+                if 8 in args.ks and recipe_row() in result["curves"]:
                     result["targets"] = check_targets(result)
                 report["datasets"][name] = result
                 print(f"\n## {name}\n\n{markdown_table(result, args.ks)}", flush=True)
@@ -991,12 +1267,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     num_draws=args.num_draws,
                     num_experts=args.num_experts,
                     num_train_epochs=args.num_train_epochs,
-                    seed=args.seed,
+                    seeds=args.seeds,
                     priors=args.priors,
                 )
                 result["info"] = {**tuned.info, "finetune_pairs": args.finetune_pairs, "backbone": tuned_path}
                 result["seconds"] = time.perf_counter() - start
-                if 8 in args.ks:
+                if 8 in args.ks and recipe_row() in result["curves"]:
                     result["targets"] = check_targets(result)
                 report["datasets"]["dsp_finetuned"] = result
                 print(f"\n## dsp (fine-tuned backbone)\n\n{markdown_table(result, args.ks)}", flush=True)

@@ -379,7 +379,11 @@ def test_launch_command_resolves_shipped_configs_and_adds_gloo_without_a_gpu(mon
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", ["cpu_zero2", "cpu_fsdp2"])
+@pytest.mark.parametrize(
+    "config",
+    # ZeRO-2 on 2 CPU processes is tested at length in test_deepspeed.py: through the launcher it only repeats it.
+    [pytest.param("cpu_zero2", marks=pytest.mark.extended), "cpu_fsdp2"],
+)
 def test_train_launches_on_two_cpu_processes_from_the_cli(config, tmp_path, backbone_dir, pairs_jsonl):
     """Issue 15: `trl-moe-rm train --accelerate_config NAME --num_processes 2`, with the packaged configs and no flag
     for the CPU (gloo and float32 are picked automatically)."""

@@ -79,6 +79,9 @@ class MoERewardConfig(RewardConfig):
             expert's reward differences have unit root-mean-square (see [`~trl_moe_rm.init.pca_expert_init`]). It
             reads the cached features with `cache_features=True`, else encodes up to 4,096 training pairs once. Use
             it with `loss_type="assignment"` when the prompt does not reveal what a pair is judged on.
+            `"pca_clusters"`: half of the experts are signed principal directions of the standardised differences,
+            the other half reward closeness to k-means centroids of the responses, centred within their prompt (see
+            [`~trl_moe_rm.init.pca_cluster_expert_init`]); it needs at least 2 experts.
 
         > Parameters of the per-user weights (seen users)
 
@@ -186,7 +189,12 @@ class MoERewardConfig(RewardConfig):
     feature_cache_dir: str | None = field(default=None, metadata={"help": "On-disk cache for the features."})
     expert_init: str | None = field(
         default=None,
-        metadata={"help": "Expert initialisation ('pca': principal directions of the pairs' feature differences)."},
+        metadata={
+            "help": "Expert initialisation: 'pca' (principal directions of the pairs' feature differences) or "
+            "'pca_clusters' (half of the experts are signed principal directions of the standardised differences, the "
+            "other half reward closeness to k-means centroids of the responses, centred within their prompt).",
+            "choices": [*EXPERT_INITS, None],
+        },
     )
     learn_user_weights: bool = field(
         default=False, metadata={"help": "Learn a weight vector over the experts per training user (`user_id`)."}
@@ -243,6 +251,8 @@ class MoERewardConfig(RewardConfig):
                     f"`expert_init={self.expert_init!r}` initialises linear experts; got `expert_type="
                     f"{self.expert_type!r}`."
                 )
+            if self.expert_init == "pca_clusters" and self.num_experts < 2:
+                raise ValueError(f"`expert_init='pca_clusters'` needs `num_experts >= 2`, got {self.num_experts}.")
         if self.user_weights_learning_rate is not None and self.user_weights_learning_rate <= 0:
             raise ValueError(f"`user_weights_learning_rate` must be > 0, got {self.user_weights_learning_rate}.")
         check_head_fields(self.moe_model_kwargs)

@@ -8,6 +8,12 @@ other hand, are exactly the axes along which annotators disagree (this is what D
 experts at `+v_1, -v_1, +v_2, -v_2, ...` gives each of them a distinct, opposite-signed hypothesis that the training loss
 (best: `loss_type="assignment"`) then refines, and lets a user's simplex weights express either sign of each axis.
 
+`expert_init="pca_clusters"` ([`pca_cluster_expert_init`]) keeps half of the experts as such signed principal
+directions (of standardised features) and makes the other half *response-cluster* heads: the responses, centred within
+their prompt, are clustered (k-means) in the principal subspace, and expert `c` rewards a response by its closeness to
+centroid `c`. A user who wants "answers like cluster c" (a DSP domain, a style) is then one expert rather than a
+combination of principal axes, which a fit from a few shots finds more easily.
+
 Example:
 
 ```python
@@ -21,14 +27,29 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
+
+import numpy as np
 import torch
 import torch.nn as nn
 
 
-__all__ = ["EXPERT_INITS", "apply_expert_init", "pca_expert_init", "principal_directions"]
+__all__ = [
+    "EXPERT_INITS",
+    "apply_expert_init",
+    "feature_scale",
+    "pca_cluster_expert_init",
+    "pca_expert_init",
+    "principal_directions",
+    "response_cluster_directions",
+]
 
-EXPERT_INITS = ("pca",)
+EXPERT_INITS = ("pca", "pca_clusters")
 """Expert initialisations [`MoERewardTrainer`] supports (`MoERewardConfig.expert_init`)."""
+
+# A feature whose differences have less than this fraction of the median root-mean-square is not scaled up to unit
+# scale by `feature_scale` (frozen backbones have dead dimensions, constant up to 1e-33, which would be blown up).
+_SCALE_FLOOR = 1e-2
 
 
 def _differences(chosen_features, rejected_features) -> torch.Tensor:
@@ -47,8 +68,34 @@ def _differences(chosen_features, rejected_features) -> torch.Tensor:
     return differences
 
 
+def feature_scale(differences: torch.Tensor) -> torch.Tensor:
+    r"""
+    Per-feature scale of embedding differences for standardisation: the root-mean-square of each feature's
+    differences, floored at 1% of their median so that (near-)constant features are not blown up.
+
+    Args:
+        differences (`torch.Tensor` of shape `(n, H)`):
+            Differences `chosen - rejected` of the pairs' features.
+
+    Returns:
+        `torch.Tensor` of shape `(H,)`, float64, positive.
+    """
+    rms = torch.as_tensor(differences).to(torch.float64).pow(2).mean(dim=0).sqrt()
+    return rms.clamp_min(_SCALE_FLOOR * float(rms.median())).clamp_min(torch.finfo(torch.float64).tiny)
+
+
+def _check_count(value: int, name: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"`{name}` must be an int in [{low}, {high}], got {value!r}.")
+    return value
+
+
 def principal_directions(
-    chosen_features: torch.Tensor, rejected_features: torch.Tensor, num_components: int, center: bool = False
+    chosen_features: torch.Tensor,
+    rejected_features: torch.Tensor,
+    num_components: int,
+    center: bool = False,
+    standardize: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""
     Principal directions of the embedding differences `z = chosen - rejected`, each oriented so that most training pairs
@@ -65,24 +112,24 @@ def principal_directions(
             `False`: eigenvectors of the second-moment matrix `E[z z^T]`, the "preference covariance" of DRMs (its
             first direction is the consensus preference when there is one). `True`: ordinary PCA of the centred
             differences.
+        standardize (`bool`, *optional*, defaults to `False`):
+            Decompose the differences divided by their per-feature scale ([`feature_scale`]), so that no feature
+            dominates by its units, and map the directions back to the original feature space (as DRMs do).
 
     Returns:
         `tuple(torch.Tensor, torch.Tensor)`: unit directions `(C, H)` (float32, ordered by decreasing variance) and the
-        variance of the differences along each of them `(C,)`.
+        variance of the differences along each of them `(C,)` (of the standardised differences with `standardize`).
     """
     differences = _differences(chosen_features, rejected_features)
-    hidden_size = differences.shape[1]
-    if (
-        isinstance(num_components, bool)
-        or not isinstance(num_components, int)
-        or not 1 <= num_components <= hidden_size
-    ):
-        raise ValueError(f"`num_components` must be an int in [1, {hidden_size}], got {num_components!r}.")
-    centred = differences - differences.mean(dim=0, keepdim=True) if center else differences
+    _check_count(num_components, "num_components", 1, differences.shape[1])
+    scale = feature_scale(differences) if standardize else torch.ones(differences.shape[1], dtype=torch.float64)
+    scaled = differences / scale
+    centred = scaled - scaled.mean(dim=0, keepdim=True) if center else scaled
     moment = centred.T @ centred / centred.shape[0]
     eigenvalues, eigenvectors = torch.linalg.eigh(moment)  # ascending
     order = torch.argsort(eigenvalues, descending=True)[:num_components]
-    directions = eigenvectors[:, order].T.contiguous()  # (C, H)
+    # A direction u of the scaled differences scores a pair by u . (z / scale) = (u / scale) . z.
+    directions = nn.functional.normalize((eigenvectors[:, order] / scale[:, None]).T, dim=1).contiguous()  # (C, H)
     projections = differences @ directions.T  # (n, C)
     # Orient each direction toward the labels: most pairs (then the mean) should project positively.
     agreement = (projections > 0).double().mean(dim=0) - 0.5
@@ -99,6 +146,7 @@ def pca_expert_init(
     num_experts: int,
     center: bool = False,
     target_scale: float = 1.0,
+    standardize: bool = False,
 ) -> torch.Tensor:
     r"""
     Expert weights `(K, H)` for linear experts: `+v_1, -v_1, +v_2, -v_2, ...` with `v_c` the principal directions of the
@@ -121,6 +169,8 @@ def pca_expert_init(
             Centre the differences before the decomposition (see [`principal_directions`]).
         target_scale (`float`, *optional*, defaults to `1.0`):
             Root-mean-square of each expert's reward differences on the given pairs.
+        standardize (`bool`, *optional*, defaults to `False`):
+            Principal directions of the standardised differences (see [`principal_directions`]).
 
     Returns:
         `torch.Tensor` of shape `(K, H)`, float32.
@@ -135,14 +185,129 @@ def pca_expert_init(
         raise ValueError(
             f"{num_experts} experts need {num_components} directions, more than hidden_size={hidden_size}."
         )
-    directions, variances = principal_directions(chosen_features, rejected_features, num_components, center=center)
-    differences = _differences(chosen_features, rejected_features).float()
-    rms = (differences @ directions.T).pow(2).mean(dim=0).sqrt().clamp_min(1e-12)  # (C,)
-    scaled = directions * (target_scale / rms)[:, None]
+    directions, _ = principal_directions(
+        chosen_features, rejected_features, num_components, center=center, standardize=standardize
+    )
+    scaled = _unit_rms(directions, _differences(chosen_features, rejected_features), target_scale)
     weights = torch.stack(
         [sign * scaled[index // 2] for index, sign in zip(range(num_experts), [1.0, -1.0] * num_experts)]
     )
     return weights
+
+
+def _unit_rms(directions: torch.Tensor, differences: torch.Tensor, target_scale: float) -> torch.Tensor:
+    """Scale each direction so that its reward differences on the pairs have root-mean-square `target_scale`."""
+    differences = differences.float()
+    rms = (differences @ directions.float().T).pow(2).mean(dim=0).sqrt().clamp_min(1e-12)  # (C,)
+    return directions.float() * (target_scale / rms)[:, None]
+
+
+def response_cluster_directions(
+    chosen_features: torch.Tensor,
+    rejected_features: torch.Tensor,
+    num_clusters: int,
+    num_components: int,
+    prompt_ids: Sequence[Hashable] | None = None,
+    seed: int = 0,
+) -> torch.Tensor:
+    r"""
+    Reward directions toward clusters of responses: the distinct responses of the pairs, centred within their prompt
+    (each minus the mean of its prompt's responses, which removes what the prompt is about) and standardised
+    ([`feature_scale`]), are projected on the `num_components` principal directions of the standardised differences
+    and clustered by k-means; direction `c` scores a response by its dot product with centroid `c` in that space.
+
+    Args:
+        chosen_features (`torch.Tensor` of shape `(n, H)`):
+            Features of the chosen responses.
+        rejected_features (`torch.Tensor` of shape `(n, H)`):
+            Features of the rejected responses.
+        num_clusters (`int`):
+            Number of clusters (directions) `C`.
+        num_components (`int`):
+            Dimension of the principal subspace the responses are clustered in.
+        prompt_ids (sequence of hashables, *optional*):
+            The prompt of each pair (any hashable: the prompt text, its token ids as a tuple, ...). `None`: every pair
+            is its own prompt (its two responses are centred against each other).
+        seed (`int`, *optional*, defaults to `0`):
+            Seed of k-means.
+
+    Returns:
+        `torch.Tensor` of shape `(C, H)`, float32: unit directions in the original feature space.
+    """
+    from sklearn.cluster import KMeans  # imported lazily: only this initialisation needs it
+
+    differences = _differences(chosen_features, rejected_features)
+    num_pairs, hidden_size = differences.shape
+    _check_count(num_components, "num_components", 1, hidden_size)
+    prompts = list(range(num_pairs)) if prompt_ids is None else list(prompt_ids)
+    if len(prompts) != num_pairs:
+        raise ValueError(f"`prompt_ids` has {len(prompts)} entries for {num_pairs} pairs.")
+    responses = torch.cat([torch.as_tensor(chosen_features), torch.as_tensor(rejected_features)]).to(torch.float64)
+    index: dict[Hashable, int] = {}
+    groups = np.asarray([index.setdefault(prompt, len(index)) for prompt in prompts] * 2)
+    # One row per distinct (prompt, response): a response shared by several pairs counts once.
+    keyed = np.concatenate([groups[:, None].astype(np.float64), responses.numpy()], axis=1)
+    _, first = np.unique(keyed, axis=0, return_index=True)
+    responses, groups = responses[np.sort(first)], groups[np.sort(first)]
+    counts = np.bincount(groups)
+    sums = np.zeros((counts.size, hidden_size))
+    np.add.at(sums, groups, responses.numpy())
+    centred = responses - torch.from_numpy(sums[groups] / counts[groups, None])
+    centred = centred[torch.from_numpy(counts[groups] > 1)]
+    _check_count(num_clusters, "num_clusters", 1, centred.shape[0])
+    scale = feature_scale(differences)
+    eigenvalues, eigenvectors = torch.linalg.eigh((differences / scale).T @ (differences / scale))
+    basis = eigenvectors[:, torch.argsort(eigenvalues, descending=True)[:num_components]].T  # (m, H), scaled space
+    coordinates = ((centred / scale) @ basis.T).numpy()
+    centroids = KMeans(num_clusters, n_init=10, random_state=seed).fit(coordinates).cluster_centers_
+    directions = (torch.from_numpy(centroids) @ basis) / scale  # w . h = centroid . (basis (h / scale))
+    return nn.functional.normalize(directions, dim=1).float()
+
+
+def pca_cluster_expert_init(
+    chosen_features: torch.Tensor,
+    rejected_features: torch.Tensor,
+    num_experts: int,
+    prompt_ids: Sequence[Hashable] | None = None,
+    seed: int = 0,
+    target_scale: float = 1.0,
+) -> torch.Tensor:
+    r"""
+    Expert weights `(K, H)`: `ceil(K / 2)` signed principal directions of the standardised differences (as
+    [`pca_expert_init`] with `standardize=True`), then `floor(K / 2)` response-cluster directions
+    ([`response_cluster_directions`], clustered in a `floor(K / 2)`-dimensional principal subspace). Each expert's
+    reward differences on the given pairs have root-mean-square `target_scale`.
+
+    Args:
+        chosen_features (`torch.Tensor` of shape `(n, H)`):
+            Backbone features of the chosen responses of the training pairs.
+        rejected_features (`torch.Tensor` of shape `(n, H)`):
+            Backbone features of the rejected responses.
+        num_experts (`int`):
+            Number of experts `K >= 2`.
+        prompt_ids (sequence of hashables, *optional*):
+            The prompt of each pair (see [`response_cluster_directions`]).
+        seed (`int`, *optional*, defaults to `0`):
+            Seed of k-means.
+        target_scale (`float`, *optional*, defaults to `1.0`):
+            Root-mean-square of each expert's reward differences on the given pairs.
+
+    Returns:
+        `torch.Tensor` of shape `(K, H)`, float32.
+    """
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 2:
+        raise ValueError(
+            f"`num_experts` must be an int >= 2 (half principal, half cluster experts), got {num_experts!r}."
+        )
+    num_clusters = num_experts // 2
+    principal = pca_expert_init(
+        chosen_features, rejected_features, num_experts - num_clusters, target_scale=target_scale, standardize=True
+    )
+    clusters = response_cluster_directions(
+        chosen_features, rejected_features, num_clusters, num_clusters, prompt_ids=prompt_ids, seed=seed
+    )
+    differences = _differences(chosen_features, rejected_features)
+    return torch.cat([principal, _unit_rms(clusters, differences, target_scale)])
 
 
 @torch.no_grad()

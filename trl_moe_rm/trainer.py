@@ -22,7 +22,7 @@ from . import losses
 from .config import MoERewardConfig
 from .configuration_moe_reward import config_fingerprint
 from .feature_cache import FeatureBank, backbone_fingerprint, encode_preference_dataset
-from .init import apply_expert_init, pca_expert_init
+from .init import apply_expert_init, pca_cluster_expert_init, pca_expert_init
 from .modeling_moe_reward import MoERewardModel
 from .processing import PREFERENCE_COLUMNS, common_prefix_length, tokenize_preference
 from .profiles import PROFILES_DIRNAME, ProfileStore, UserProfile
@@ -223,7 +223,7 @@ class MoERewardTrainer(RewardTrainer):
         self._user_counts: dict[Any, int] = {}
         if args.learn_user_weights:
             self._init_user_weights(args)
-        if args.expert_init == "pca":
+        if args.expert_init is not None:
             self._init_experts_from_pca(args)
 
     # ------------------------------------------------------------------ user weights & expert initialisation
@@ -256,7 +256,9 @@ class MoERewardTrainer(RewardTrainer):
     def _init_experts_from_pca(self, args: MoERewardConfig) -> None:
         dataset = self.train_dataset
         if not isinstance(dataset, Dataset) or len(dataset) < 2:
-            raise ValueError("`expert_init='pca'` needs a map-style train dataset with at least 2 pairs.")
+            raise ValueError(
+                f"`expert_init={args.expert_init!r}` needs a map-style train dataset with at least 2 pairs."
+            )
         if self._feature_bank is not None and "feature_row" in dataset.column_names:
             features = self.cached_features(dataset)
         else:
@@ -269,9 +271,20 @@ class MoERewardTrainer(RewardTrainer):
                 batch_size=max(args.per_device_eval_batch_size, 32),
                 device=args.device,
             )
-        weights = pca_expert_init(
-            features["chosen_features"], features["rejected_features"], self._moe_config.num_experts
-        )
+        if args.expert_init == "pca_clusters":
+            # The prompt of each pair: its token ids before the response.
+            prompts = [tuple(ids[:length]) for ids, length in zip(dataset["chosen_ids"], dataset["prompt_length"])]
+            weights = pca_cluster_expert_init(
+                features["chosen_features"],
+                features["rejected_features"],
+                self._moe_config.num_experts,
+                prompt_ids=prompts,
+                seed=args.seed,
+            )
+        else:
+            weights = pca_expert_init(
+                features["chosen_features"], features["rejected_features"], self._moe_config.num_experts
+            )
         apply_expert_init(self.model, weights)
 
     def user_weights(self) -> dict[Any, list[float]]:
