@@ -188,3 +188,16 @@ def test_truncated_pairs_keep_one_prompt_for_both_rows():
     length = pair["prompt_length"]
     assert pair["chosen_ids"][:length] == pair["rejected_ids"][:length]
     assert len(pair["rejected_ids"]) == 9 and len(pair["chosen_ids"]) < 9
+
+
+def test_scoring_real_data_accepts_an_empty_response_but_training_and_fitting_refuse_it():
+    """Real data (Auto-J) has a few empty answers: analysis scores them as the end token; labelled pairs refuse them."""
+    from trl_moe_rm import fit_user_weights
+
+    tokenizer = tiny_tokenizer()
+    model = tiny_moe("llama", tokenizer)
+    pair = {"prompt": "tell me", "chosen": "good one", "rejected": ""}
+    scores = score_pairs(model, tokenizer, {key: [value] for key, value in pair.items()})
+    assert torch.isfinite(torch.tensor(scores.rejected_rewards)).all()
+    with pytest.raises(ValueError, match="Found an empty `rejected` response"):
+        fit_user_weights(model, [pair], tokenizer=tokenizer)

@@ -75,7 +75,9 @@ def expert_pair_scores(
     model: torch.nn.Module, pairs: Pairs, tokenizer: PreTrainedTokenizerBase | None = None, batch_size: int = 32
 ) -> PairScores:
     """Expert rewards, routing and routed rewards of labelled pairs: the one model pass personalization needs."""
-    return score_pairs(model, _tokenizer_for(model, tokenizer), _as_dataset(pairs), batch_size=batch_size)
+    # Labelled pairs teach the fit which response is better: an empty one is refused, as in training.
+    dataset = _as_dataset(pairs)
+    return score_pairs(model, _tokenizer_for(model, tokenizer), dataset, batch_size=batch_size, allow_empty=False)
 
 
 def _prior(routing: np.ndarray, prior: str | Sequence[float] | None, mode: str, smoothing: float) -> np.ndarray:

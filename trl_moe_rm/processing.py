@@ -269,12 +269,13 @@ class RowEncoder:
             )
         return [self.encode(prompt, response) for prompt, response in zip(prompts, responses)]
 
-    def encode_preference(self, example: Mapping[str, Any]) -> dict[str, Any]:
+    def encode_preference(self, example: Mapping[str, Any], allow_empty: bool = False) -> dict[str, Any]:
         """
         `chosen_ids`, `rejected_ids` and `prompt_length` of one preference pair, as [`MoERewardTrainer`] trains on it.
 
         Both rows start with the same prompt tokens. Without a `prompt` column, `prompt_length` is the longest common
-        token prefix of the two sequences. Empty responses are refused.
+        token prefix of the two sequences. Empty responses are refused (a training pair needs text on both sides),
+        unless `allow_empty=True` (scoring real data: an empty response is scored as its end token).
         """
         conversational = check_row_shape(example, (PROMPT_COLUMN, *PREFERENCE_COLUMNS))
         for column in PREFERENCE_COLUMNS:
@@ -284,7 +285,7 @@ class RowEncoder:
                 )
             text = example[column]
             content = text if isinstance(text, str) else " ".join(str(m.get("content", "")) for m in text)
-            if not content.strip():
+            if not content.strip() and not allow_empty:
                 raise ValueError(
                     f"Found an empty `{column}` response (prompt: {str(example.get('prompt', ''))[:80]!r}). Remove "
                     "empty responses from the dataset, e.g. `dataset.filter(lambda x: x['chosen'].strip() and "

@@ -420,13 +420,16 @@ def score_pairs(
     batch_size: int = 32,
     max_length: int | None = None,
     device: str | torch.device | None = None,
+    allow_empty: bool = True,
 ) -> PairScores:
     r"""
     Runs a MoE reward model once over a preference dataset and collects what the analysis metrics need.
 
     Pairs are tokenized as [`MoERewardTrainer`] tokenizes them ([`~trl_moe_rm.processing.RowEncoder`]): both rows of
     a pair start with the same prompt tokens, and rows without a `prompt` column use the common token prefix of the two
-    responses. Both responses of a pair run in one batch with `paired=True`, so they share one routing.
+    responses. Both responses of a pair run in one batch with `paired=True`, so they share one routing. An empty
+    response is scored (as its end token), so that real data with a few empty answers can be analysed; pass
+    `allow_empty=False` to refuse it as training does.
 
     Args:
         model ([`MoERewardModel`] or a PEFT wrapper of it):
@@ -443,6 +446,8 @@ def score_pairs(
             so that the scores stay aligned with the dataset's labels; a warning reports the counts.
         device (`str` or `torch.device`, *optional*):
             Where the inputs are sent. Defaults to the device of the model's first parameter.
+        allow_empty (`bool`, *optional*, defaults to `True`):
+            Score empty responses (as their end token); `False` refuses them, as training does.
 
     Returns:
         [`PairScores`]: One row per dataset row, as float64 NumPy arrays. `router_probs` is
@@ -459,7 +464,10 @@ def score_pairs(
     columns = [column for column in (PROMPT_COLUMN, *PREFERENCE_COLUMNS) if column in column_names(dataset)]
     values = {column: list(dataset[column]) for column in columns}
     encoder = RowEncoder(tokenizer, max_length=max_length)
-    pairs = [encoder.encode_preference({column: values[column][row] for column in columns}) for row in range(count)]
+    pairs = [
+        encoder.encode_preference({column: values[column][row] for column in columns}, allow_empty=allow_empty)
+        for row in range(count)
+    ]
     encoder.truncation.warn("score_pairs")
     lengths = [pair["prompt_length"] for pair in pairs]
     outputs = run_model(
