@@ -201,7 +201,8 @@ def _run_score(args: argparse.Namespace) -> int:
         max_length=args.max_length,
     )
     user_ids = [args.user_id if args.user_id is not None else row.get("user_id") for row in rows]
-    rewards = reward.score([row.get("prompt") for row in rows], [row[completion] for row in rows], user_ids)
+    prompts, completions = [row.get("prompt") for row in rows], [row[completion] for row in rows]
+    rewards = reward.score(prompts, completions, user_ids, progress=f"Scoring {len(rows)} rows")
     for row, value in zip(rows, rewards.tolist()):
         row["reward"] = value
     write_rows(rows, args.output, kind)

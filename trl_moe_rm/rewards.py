@@ -329,7 +329,13 @@ class PersonalizedReward:
     # ------------------------------------------------------------------------------------------------ scoring
 
     @torch.inference_mode()
-    def score(self, prompts: Sequence[Any], completions: Sequence[Any], user_ids: Sequence[Any]) -> torch.Tensor:
+    def score(
+        self,
+        prompts: Sequence[Any],
+        completions: Sequence[Any],
+        user_ids: Sequence[Any],
+        progress: str | None = None,
+    ) -> torch.Tensor:
         r"""
         Raw (un-normalized) personalized rewards, without TRL's calling convention.
 
@@ -340,6 +346,8 @@ class PersonalizedReward:
                 Completions, as text or as lists of chat messages (one per prompt).
             user_ids (`Sequence`):
                 The user of each row.
+            progress (`str`, *optional*):
+                Show a progress bar with this label (the CLI does; TRL's calls do not).
 
         Returns:
             `torch.Tensor` of shape `(len(prompts),)`, float32, on the CPU.
@@ -361,6 +369,7 @@ class PersonalizedReward:
             self.encoder.pad_token_id,
             self.batch_size,
             device,
+            progress=progress,
         )
         rewards = self.user_rewards.combine(
             outputs["expert_rewards"], outputs["routing_weights"], list(user_ids), self.nonfinite_value
