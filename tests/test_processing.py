@@ -201,3 +201,25 @@ def test_scoring_real_data_accepts_an_empty_response_but_training_and_fitting_re
     assert torch.isfinite(torch.tensor(scores.rejected_rewards)).all()
     with pytest.raises(ValueError, match="Found an empty `rejected` response"):
         fit_user_weights(model, [pair], tokenizer=tokenizer)
+
+
+def test_progress_bars_are_labelled_and_honour_the_switches(tmp_path, capsys, monkeypatch):
+    """Issue 15: "Encoding N pairs" for the feature cache and "Scoring N pairs" for score_pairs, hidden by the
+    trainer's `disable_tqdm` and by `TQDM_DISABLE=1`."""
+    from datasets import Dataset
+
+    tokenizer = tiny_tokenizer()
+    model = tiny_moe("llama", tokenizer)
+    dataset = Dataset.from_list(PLAIN * 4)
+    args = tiny_args(tmp_path / "t", freeze_backbone=True, cache_features=True, disable_tqdm=False,
+                     per_device_eval_batch_size=2)
+    MoERewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    score_pairs(model, tokenizer, dataset, batch_size=2)
+    err = capsys.readouterr().err
+    assert "Encoding 12 pairs" in err and "Scoring 12 pairs" in err
+    args = tiny_args(tmp_path / "u", freeze_backbone=True, cache_features=True, disable_tqdm=True)
+    MoERewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    score_pairs(model, tokenizer, dataset, batch_size=2)
+    err = capsys.readouterr().err
+    assert "Encoding" not in err and "Scoring" not in err

@@ -15,6 +15,7 @@ from transformers.utils import logging
 
 from .io_utils import atomic_write_bytes
 from .modeling_moe_reward import MoERewardModel
+from .scoring import progress_disabled
 
 
 logger = logging.get_logger(__name__)
@@ -138,7 +139,7 @@ def encode_preference_dataset(
     blocks: dict[str, list[torch.Tensor]] = {key: [] for key in FEATURE_KEYS}
     logger.info(f"Encoding {len(order)} pairs with the frozen backbone (once; training then reads the cache).")
     batches = range(0, len(order), batch_size)
-    for start in tqdm(batches, desc=f"Encoding {len(order)} pairs", unit="batch", disable=disable_tqdm):
+    for start in tqdm(batches, desc=f"Encoding {len(order)} pairs", unit="batch", disable=progress_disabled(disable_tqdm)):
         rows = table[order[start : start + batch_size]]
         examples = [dict(zip(rows, values)) for values in zip(*rows.values())]
         batch = collator(examples)

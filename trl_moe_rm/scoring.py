@@ -13,6 +13,7 @@ Text becomes token ids only through [`~trl_moe_rm.processing.RowEncoder`], exact
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,7 @@ __all__ = [
     "check_finite",
     "model_device",
     "model_dtype",
+    "progress_disabled",
     "run_model",
     "score",
     "score_pairs",
@@ -51,6 +53,11 @@ def check_positive_int(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"`{name}` must be a positive int (>= 1), got {value!r}.")
     return value
+
+
+def progress_disabled(disable: bool | None = None) -> bool:
+    """Whether to hide a progress bar: `disable` (e.g. the trainer's `disable_tqdm`), or `TQDM_DISABLE=1` set."""
+    return bool(disable) or os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -161,7 +168,8 @@ def run_model(
     model.eval()
     try:
         starts = range(0, num_items, batch_size)
-        for start in tqdm(starts, desc=progress, unit="batch", disable=progress is None or len(starts) < 2 or None):
+        hidden = progress is None or len(starts) < 2 or progress_disabled()
+        for start in tqdm(starts, desc=progress, unit="batch", disable=hidden):
             items = order[start : start + batch_size]
             rows = list(items) + ([item + num_items for item in items] if paired else [])
             input_ids, attention_mask = pad_batch([sequences[row] for row in rows], padding_value)

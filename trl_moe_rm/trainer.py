@@ -394,7 +394,7 @@ class MoERewardTrainer(RewardTrainer):
             batch_size=max(args.per_device_eval_batch_size, 32),
             device=args.device,
             cache_dir=args.feature_cache_dir,
-            disable_tqdm=args.disable_tqdm or None,
+            disable_tqdm=args.disable_tqdm,
         )
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
