@@ -217,10 +217,8 @@ def response_cluster_directions(
     and clustered by k-means; direction `c` scores a response by its dot product with centroid `c` in that space.
 
     Args:
-        chosen_features (`torch.Tensor` of shape `(n, H)`):
-            Features of the chosen responses.
-        rejected_features (`torch.Tensor` of shape `(n, H)`):
-            Features of the rejected responses.
+        chosen_features, rejected_features (`torch.Tensor` of shape `(n, H)`):
+            Features of the chosen and of the rejected responses of the `n` pairs.
         num_clusters (`int`):
             Number of clusters (directions) `C`.
         num_components (`int`):
