@@ -435,7 +435,11 @@ def pool_constants(outcomes_by_seed: Sequence[Sequence[np.ndarray]]) -> dict[str
 
 
 def _best_convex_combination(deltas: np.ndarray, max_iter: int = 200) -> np.ndarray:
-    """`argmin` of the Bradley-Terry loss of `c * softmax(theta)` over `(theta, c > 0)`, as weights `softmax(theta)`."""
+    """
+    `argmin` of the Bradley-Terry loss of `c * softmax(theta)` over `(theta, c > 0)`, as weights `softmax(theta)`. Tiny
+    penalties on `log c` and `theta` (and a clamp of `log c`) keep separable pairs, where the loss falls forever as `c`
+    grows or a weight vanishes, from diverging.
+    """
     deltas = torch.from_numpy(np.asarray(deltas, dtype=np.float64))
     scale = deltas.pow(2).mean(dim=0).sqrt().clamp_min(1e-12)  # heads on a common scale: better conditioned
     theta = torch.zeros(deltas.shape[1], dtype=torch.float64, requires_grad=True)
@@ -444,8 +448,9 @@ def _best_convex_combination(deltas: np.ndarray, max_iter: int = 200) -> np.ndar
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        weights = log_scale.exp() * torch.softmax(theta, dim=0)
-        loss = torch.nn.functional.softplus(-(deltas / scale) @ weights).mean()
+        weights = log_scale.clamp(-30.0, 30.0).exp() * torch.softmax(theta, dim=0)
+        penalty = 1e-4 * (log_scale.pow(2) + theta.pow(2).sum())
+        loss = torch.nn.functional.softplus(-(deltas / scale) @ weights).mean() + penalty
         loss.backward()
         return loss
 
@@ -544,6 +549,7 @@ MOE_VARIANTS: dict[str, dict[str, Any]] = {
     "dense": {"top_k": "K", "loss_type": "likelihood_mixture", "balance_coef": 0.0},
     "sparse": {
         "top_k": 2,
+        "router_gradient": "sparse",  # measured before the straight-through gradient became the default
         "balance_coef": 0.1,
         "balance_type": "entropy",
         "sparsity_coef": 0.001,
@@ -579,6 +585,7 @@ MOE_VARIANTS: dict[str, dict[str, Any]] = {
     },
     "sparse_pca": {
         "top_k": 2,
+        "router_gradient": "sparse",
         "balance_coef": 0.1,
         "balance_type": "entropy",
         "sparsity_coef": 0.001,
@@ -651,7 +658,8 @@ def train_moe(
     top_k = num_experts if settings.get("top_k") == "K" else settings.pop("top_k", 2)
     settings.pop("top_k", None)
     set_seed(seed)
-    model = MoERewardModel.from_backbone(backbone, num_experts=num_experts, top_k=top_k)
+    model_settings = {name: settings.pop(name) for name in ("router_gradient",) if name in settings}
+    model = MoERewardModel.from_backbone(backbone, num_experts=num_experts, top_k=top_k, **model_settings)
     dataset = Dataset.from_dict({**train.tokens, "user_id": [users[index] for index in train.user_index]})
     cache_dir = output_dir / "feature_cache"
     _write_feature_cache(model, dataset, train.features, cache_dir)

@@ -26,7 +26,8 @@ from trl_moe_rm.report import analysis_report
 from trl_moe_rm.scoring import scores_from_features
 
 
-BASE = {"num_experts": 8, "top_k": 2, "balance_coef": 0.01, "balance_type": "switch"}
+# The former defaults (sparse router gradient, switch balance 0.01), which every row below modifies.
+BASE = {"num_experts": 8, "top_k": 2, "router_gradient": "sparse", "balance_coef": 0.01, "balance_type": "switch"}
 ENTROPY = {"balance_coef": 0.1, "balance_type": "entropy"}
 STRAIGHT_THROUGH = {**ENTROPY, "router_gradient": "dense"}
 CONFIGS: dict[str, dict] = {

@@ -34,7 +34,7 @@ def main() -> int:
     backbone = get_model_path()
     tokenizer = AutoTokenizer.from_pretrained(backbone)
     split = train_test_split_by_prompt(make_controlled_dataset(num_pairs_per_category=200, seed=0), 0.25, seed=0)
-    model = MoERewardModel.from_backbone(backbone, num_experts=8, top_k=2)
+    model = MoERewardModel.from_backbone(backbone, num_experts=8, top_k=2, router_gradient="sparse")  # as measured
     with tempfile.TemporaryDirectory() as output_dir:
         args = MoERewardConfig(
             output_dir=output_dir,

@@ -1,4 +1,4 @@
-"""`trl-moe-rm`: the command line of trl_moe_rm (train, demo, personalize, score, analyze, push)."""
+"""`trl-moe-rm`: the command line of trl_moe_rm (train, demo, diagnose, personalize, score, analyze, push, serve)."""
 
 import argparse
 import json
@@ -525,7 +525,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "train",
         help="Train a MoE reward model (TRL-style flags or --config file.yaml; see `trl-moe-rm train --help`).",
     )
-    for add in (_add_demo, _add_personalize, _add_score, _add_analyze, _add_push, _add_serve):
+    for add in (_add_demo, _add_diagnose, _add_personalize, _add_score, _add_analyze, _add_push, _add_serve):
         add(subparsers)
     for name, subparser in subparsers.choices.items():
         if name != "train":
@@ -579,6 +579,20 @@ def _apply_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> None
         action = names[key]
         parser.set_defaults(**{action.dest: value})
         action.required = False
+
+
+def _add_diagnose(subparsers) -> None:
+    from .diagnose import add_diagnose_arguments, run_diagnose
+
+    parser = _subcommand(
+        subparsers,
+        "diagnose",
+        run_diagnose,
+        help="Does the prompt say how pairs are judged? Recommends the defaults or the hidden-context preset.",
+        description="Probe a preference dataset on frozen backbone features and recommend the defaults of "
+        "MoERewardConfig (visible context) or preset='hidden_context' (docs/presets.md).",
+    )
+    add_diagnose_arguments(parser)
 
 
 def _add_serve(subparsers) -> None:

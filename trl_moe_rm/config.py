@@ -31,13 +31,18 @@ class MoERewardConfig(RewardConfig):
     Extends TRL's [`~trl.RewardConfig`] (all of whose arguments keep working) with the Mixture-of-Experts losses and
     the model arguments used when the trainer's `model` is a backbone checkpoint name.
 
+    The MoE defaults (top-2 of 8 experts, the straight-through router gradient, entropy balance 0.1, no local sparsity,
+    no diversity) are the recipe measured best or near-best on four visible-context datasets, with fewer and more
+    latent preference types than experts (the defaults table of `docs/benchmarks.md`). For data whose prompt does not
+    reveal how a pair is judged, use `preset="hidden_context"`; `trl-moe-rm diagnose` tells which case a dataset is in.
+
     Parameters:
         > Preset
 
         preset (`str`, *optional*):
-            Named preset of measured settings; it sets each of its fields that is still at its default. `"hidden_context"`:
-            the assignment loss with PCA-initialised experts, for data whose prompt does not reveal how a pair is judged
-            (see `docs/presets.md`).
+            Named preset of measured settings; it sets each of its fields that is still at its default.
+            `"hidden_context"`: 32 experts, the assignment loss and `expert_init="pca_clusters"`, for data whose prompt
+            does not reveal how a pair is judged (see `docs/presets.md`).
 
         > Parameters of the MoE model (used when `model` is a string)
 
@@ -51,7 +56,7 @@ class MoERewardConfig(RewardConfig):
             Temperature of the router softmax.
         router_noise_std (`float`, *optional*, defaults to `0.0`):
             Std of the noise added to the router logits in training (noisy top-k gating).
-        router_gradient (`str`, *optional*, defaults to `"sparse"`):
+        router_gradient (`str`, *optional*, defaults to `"dense"`):
             `"sparse"` (the router learns from the top-k weights only) or `"dense"` (it also gets the gradient of its
             full softmax, straight-through; needed for `top_k=1`).
         expert_type (`str`, *optional*, defaults to `"linear"`):
@@ -80,7 +85,7 @@ class MoERewardConfig(RewardConfig):
             reads the cached features with `cache_features=True`, else encodes up to 4,096 training pairs once. Use
             it with `loss_type="assignment"` when the prompt does not reveal what a pair is judged on.
             `"pca_clusters"`: half of the experts are signed principal directions of the standardised differences,
-            the other half reward closeness to k-means centroids of the responses, centred within their prompt (see
+            the other half reward the projection on k-means centroids of the responses, centred within their prompt (see
             [`~trl_moe_rm.init.pca_cluster_expert_init`]); it needs at least 2 experts.
 
         > Parameters of the per-user weights (seen users)
@@ -115,9 +120,9 @@ class MoERewardConfig(RewardConfig):
 
         sparsity_coef (`float`, *optional*, defaults to `0.0`):
             Weight of the local sparsity loss (mean per-sample routing entropy).
-        balance_coef (`float`, *optional*, defaults to `0.01`):
+        balance_coef (`float`, *optional*, defaults to `0.1`):
             Weight of the global balance loss.
-        balance_type (`str`, *optional*, defaults to `"switch"`):
+        balance_type (`str`, *optional*, defaults to `"entropy"`):
             `"switch"` (`K sum_k f_k P_k`) or `"entropy"` (`log K - H(mean routing)`).
         diversity_coef (`float`, *optional*, defaults to `0.0`):
             Weight of the expert diversity loss.
@@ -136,8 +141,8 @@ class MoERewardConfig(RewardConfig):
         default=None,
         metadata={
             "help": "Named preset of measured settings; it sets each of its fields that is still at its default. "
-            "'hidden_context': the assignment loss with PCA-initialised experts, for data whose prompt does not reveal "
-            "how a pair is judged (see docs/presets.md).",
+            "'hidden_context': 32 experts, the assignment loss and expert_init='pca_clusters', for data whose prompt "
+            "does not reveal how a pair is judged (see docs/presets.md).",
             "choices": [*PRESETS, None],
         },
     )
@@ -192,7 +197,7 @@ class MoERewardConfig(RewardConfig):
         metadata={
             "help": "Expert initialisation: 'pca' (principal directions of the pairs' feature differences) or "
             "'pca_clusters' (half of the experts are signed principal directions of the standardised differences, the "
-            "other half reward closeness to k-means centroids of the responses, centred within their prompt).",
+            "other half reward the projection on k-means centroids of the responses, centred within their prompt).",
             "choices": [*EXPERT_INITS, None],
         },
     )
@@ -212,8 +217,8 @@ class MoERewardConfig(RewardConfig):
     router_assignment_coef: float = field(default=1.0, metadata={"help": "Router cross-entropy to the assignment."})
 
     sparsity_coef: float = field(default=0.0, metadata={"help": "Local sparsity (routing entropy) weight."})
-    balance_coef: float = field(default=0.01, metadata={"help": "Global balance weight."})
-    balance_type: str = field(default="switch", metadata={"help": "Balance loss.", "choices": list(BALANCE_TYPES)})
+    balance_coef: float = field(default=0.1, metadata={"help": "Global balance weight."})
+    balance_type: str = field(default="entropy", metadata={"help": "Balance loss.", "choices": list(BALANCE_TYPES)})
     diversity_coef: float = field(default=0.0, metadata={"help": "Expert diversity weight."})
     diversity_type: str = field(
         default="cosine", metadata={"help": "Diversity loss.", "choices": list(DIVERSITY_TYPES)}

@@ -26,7 +26,7 @@ HEAD_FIELDS: dict[str, Any] = {
     "router_input": "prompt",
     "router_temperature": 1.0,
     "router_noise_std": 0.0,
-    "router_gradient": "sparse",
+    "router_gradient": "dense",
     "expert_type": "linear",
     "expert_hidden_size": 256,
     "pooling": None,
@@ -95,12 +95,13 @@ class MoERewardModelConfig(PretrainedConfig):
         router_noise_std (`float`, *optional*, defaults to `0.0`):
             Standard deviation of the Gaussian noise added to the router logits in training mode only (noisy top-k
             gating). Has no effect in eval mode.
-        router_gradient (`str`, *optional*, defaults to `"sparse"`):
+        router_gradient (`str`, *optional*, defaults to `"dense"`):
             What trains the router through the preference loss. `"sparse"`: the gradient of the top-k weights only, so
             an expert outside the top-k gets no signal, and with `top_k=1` the weight is the constant 1 and the router
             learns nothing from the loss. `"dense"`: the forward weights are unchanged (exactly top-k), but the router
             also receives the gradient of its full softmax (a straight-through estimator), using the rewards of every
-            expert, which are computed anyway. The ablation in `docs/benchmarks.md` measures it.
+            expert, which are computed anyway. The routing ablation and the defaults table in `docs/benchmarks.md`
+            measure it.
         expert_type (`str`, *optional*, defaults to `"linear"`):
             `"linear"` (one weight vector per expert) or `"mlp"` (a two-layer MLP per expert).
         expert_hidden_size (`int`, *optional*, defaults to `256`):
@@ -134,31 +135,31 @@ class MoERewardModelConfig(PretrainedConfig):
 
     # Declared fields: `top_k` would otherwise be mistaken for a generation parameter by `save_pretrained`.
     backbone_config: Any = None
-    num_experts: int = 8
-    top_k: int = 2
-    router_input: str = "prompt"
-    router_temperature: float = 1.0
-    router_noise_std: float = 0.0
-    router_gradient: str = "sparse"
-    expert_type: str = "linear"
-    expert_hidden_size: int = 256
-    pooling: str | None = None
-    prompt_encoding: str | None = None
+    num_experts: int = HEAD_FIELDS["num_experts"]
+    top_k: int = HEAD_FIELDS["top_k"]
+    router_input: str = HEAD_FIELDS["router_input"]
+    router_temperature: float = HEAD_FIELDS["router_temperature"]
+    router_noise_std: float = HEAD_FIELDS["router_noise_std"]
+    router_gradient: str = HEAD_FIELDS["router_gradient"]
+    expert_type: str = HEAD_FIELDS["expert_type"]
+    expert_hidden_size: int = HEAD_FIELDS["expert_hidden_size"]
+    pooling: str | None = HEAD_FIELDS["pooling"]
+    prompt_encoding: str | None = HEAD_FIELDS["prompt_encoding"]
     initializer_range: float = 0.02
 
     def __init__(
         self,
         backbone_config: dict[str, Any] | PretrainedConfig | None = None,
-        num_experts: int = 8,
-        top_k: int = 2,
-        router_input: str = "prompt",
-        router_temperature: float = 1.0,
-        router_noise_std: float = 0.0,
-        router_gradient: str = "sparse",
-        expert_type: str = "linear",
-        expert_hidden_size: int = 256,
-        pooling: str | None = None,
-        prompt_encoding: str | None = None,
+        num_experts: int = HEAD_FIELDS["num_experts"],
+        top_k: int = HEAD_FIELDS["top_k"],
+        router_input: str = HEAD_FIELDS["router_input"],
+        router_temperature: float = HEAD_FIELDS["router_temperature"],
+        router_noise_std: float = HEAD_FIELDS["router_noise_std"],
+        router_gradient: str = HEAD_FIELDS["router_gradient"],
+        expert_type: str = HEAD_FIELDS["expert_type"],
+        expert_hidden_size: int = HEAD_FIELDS["expert_hidden_size"],
+        pooling: str | None = HEAD_FIELDS["pooling"],
+        prompt_encoding: str | None = HEAD_FIELDS["prompt_encoding"],
         initializer_range: float = 0.02,
         num_labels: int = 1,
         **kwargs,

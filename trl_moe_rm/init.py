@@ -10,7 +10,7 @@ experts at `+v_1, -v_1, +v_2, -v_2, ...` gives each of them a distinct, opposite
 
 `expert_init="pca_clusters"` ([`pca_cluster_expert_init`]) keeps half of the experts as such signed principal
 directions (of standardised features) and makes the other half *response-cluster* heads: the responses, centred within
-their prompt, are clustered (k-means) in the principal subspace, and expert `c` rewards a response by its closeness to
+their prompt, are clustered (k-means) in the principal subspace, and expert `c` rewards a response by its projection on
 centroid `c`. A user who wants "answers like cluster c" (a DSP domain, a style) is then one expert rather than a
 combination of principal axes, which a fit from a few shots finds more easily.
 

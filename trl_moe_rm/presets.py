@@ -6,8 +6,10 @@ a pair is judged; see the defaults table in `docs/benchmarks.md`). A preset repl
 another regime:
 
 - `"hidden_context"`: the prompt does not reveal what a pair is judged on (DSP, simulated users with mixed
-  directions): the EM-style `loss_type="assignment"` with the experts initialised from the principal directions of the
-  pairs' feature differences (`expert_init="pca"`), and no router balance, sparsity or diversity term.
+  directions): 32 experts, the EM-style `loss_type="assignment"`, the experts initialised half at the signed principal
+  directions of the pairs' standardised feature differences and half at response clusters
+  (`expert_init="pca_clusters"`), and no router balance, sparsity or diversity term. Adapt each user afterwards with
+  `fit_users(model, pairs, method="gradient", l2=1.0, prior="uniform")` (the fit this preset was measured with).
 
 Select one from Python (`MoERewardConfig(output_dir=..., preset="hidden_context")`), from a `trl-moe-rm train --config`
 YAML file (`preset: hidden_context`) or from the command line (`trl-moe-rm train --preset hidden_context ...`). A
@@ -25,9 +27,10 @@ __all__ = ["PRESETS", "apply_preset", "preset_values"]
 
 PRESETS: dict[str, dict[str, Any]] = {
     "hidden_context": {
+        "num_experts": 32,
         "top_k": 2,
         "loss_type": "assignment",
-        "expert_init": "pca",
+        "expert_init": "pca_clusters",
         "assignment_temperature": 0.5,
         "assignment_balance_coef": 0.1,
         "router_assignment_coef": 1.0,
