@@ -13,7 +13,7 @@ from tiny import (
 )
 from transformers import AutoModelForSequenceClassification, LlamaForSequenceClassification
 
-from trl_moe_rm import MoERewardModel, MoERewardTrainer
+from trl_moe_rm import MoERewardConfig, MoERewardModel, MoERewardTrainer
 from trl_moe_rm.trainer import DataCollatorForMoEPreference
 
 
@@ -305,3 +305,16 @@ def test_model_arguments_of_the_config_are_reported_when_a_built_model_ignores_t
             processing_class=tokenizer,
         )
     assert not any("ignored" in record.getMessage() for record in caplog.records)
+
+
+def test_config_passes_the_checkpointing_flag_on_without_a_deprecation_warning(tmp_path):
+    # TRL's RewardConfig sets the deprecated `gradient_checkpointing=True`; transformers 5.x warned on every run.
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        default = MoERewardConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+        off = MoERewardConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", gradient_checkpointing=False)
+    assert default.gradient_checkpointing is True and off.gradient_checkpointing is False
+    if hasattr(default, "activation_checkpointing"):
+        assert (default.activation_checkpointing, off.activation_checkpointing) == (True, False)

@@ -238,6 +238,11 @@ class MoERewardConfig(RewardConfig):
             # TRL's configs default to bf16 (trl>=1.0), which transformers refuses on a machine without bf16 support
             # ("Your setup doesn't support bf16/gpu"); default to float32 there instead.
             self.bf16 = False
+        if getattr(self, "activation_checkpointing", False) is None and self.gradient_checkpointing is not None:
+            # transformers 5.x (5.24 here) renamed `gradient_checkpointing` to `activation_checkpointing` and warns
+            # (FutureWarning) when only the old name is set, which TRL's `RewardConfig` does by default (trl 1.0-1.16:
+            # `gradient_checkpointing=True`): every run printed it. Pass the value on under the new name.
+            self.activation_checkpointing = self.gradient_checkpointing
         super().__post_init__()
         for name, choices in (
             ("loss_type", LOSS_TYPES),
