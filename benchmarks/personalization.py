@@ -28,8 +28,8 @@ Usage:
 
 ```bash
 python -m benchmarks.personalization --datasets controlled dsp hidden --seeds 0 1 2 --epoch_curve 0 1 3 6 12 \
-    --variants dense sparse_assign_pca hidden_context --methods hyre gradient gradient_l2 --priors uniform \
-    --skip_speed --output_dir /tmp/personalization_bench
+    --variants dense sparse_assign_pca hidden_context --methods hyre gradient gradient_l2 hyre_gradient \
+    --priors uniform --skip_speed --output_dir /tmp/personalization_bench
 python -m benchmarks.personalization --speed_only
 ```
 """
@@ -532,12 +532,14 @@ FIT_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
     "hyre": ("hyre", {}),
     "gradient": ("gradient", {}),
     "gradient_l2": ("gradient", {"l2": 1.0}),
+    # HyRe and gradient_l2 fitted on the same shots, their reward margins averaged on a common (RMS) scale.
+    "hyre_gradient": ("hyre_gradient", {"l2": 1.0}),
 }
 """The fits compared, by row name: `(method of fit_users, its keyword arguments)`."""
 
-RECIPE = {"variant": "hidden_context", "fit": "gradient_l2", "prior": "uniform"}
-"""The recommended hidden-context recipe: the `hidden_context` variant, adapted by `fit_users(method="gradient",
-l2=1.0, prior="uniform")`."""
+RECIPE = {"variant": "hidden_context", "fit": "hyre_gradient", "prior": "uniform"}
+"""The recommended hidden-context recipe: the `hidden_context` variant, adapted by `fit_users(method="hyre_gradient",
+l2=1.0, prior="uniform")` (the HyRe + gradient ensemble, [`~trl_moe_rm.fitting.fit_hyre_gradient`])."""
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -316,8 +316,13 @@ def test_fit_user_weights_wrong_types(tokenizer):
         fit_user_weights(model, 42, tokenizer=tokenizer)
     with pytest.raises(ValueError, match=r"`chosen` must be a string or a list of chat messages .*got int"):
         fit_user_weights(model, [{**PAIR, "chosen": 5}], tokenizer=tokenizer)
-    with pytest.raises(ValueError, match=r"`method` must be one of \['gradient', 'hedge', 'hyre'\], got 'magic'"):
+    with pytest.raises(
+        ValueError, match=r"`method` must be one of \['gradient', 'hedge', 'hyre', 'hyre_gradient'\], got 'magic'"
+    ):
         fit_user_weights(model, [PAIR], tokenizer=tokenizer, method="magic")
+    for static_only in ("hyre", "hyre_gradient"):
+        with pytest.raises(ValueError, match=rf"`method='{static_only}'` fits static weights; use `mode='static'`"):
+            fit_user_weights(model, [PAIR], tokenizer=tokenizer, method=static_only, mode="routed")
     with pytest.raises(TypeError, match="user_id must be a str or an int, got float"):
         fit_user_weights(model, [PAIR], tokenizer=tokenizer, user_id=1.5)
     with pytest.raises(ValueError, match="Pass `tokenizer=`"):

@@ -10,6 +10,7 @@ from trl_moe_rm.fitting import (
     fit_gradient,
     fit_hedge,
     fit_hyre,
+    fit_hyre_gradient,
     mixture_scores,
     pairwise_accuracy,
     routed_weights,
@@ -17,6 +18,7 @@ from trl_moe_rm.fitting import (
 
 
 METHODS = sorted(FIT_METHODS)
+STATIC_ONLY = ("hyre", "hyre_gradient")  # no routed mode
 
 
 def make_user_deltas(n: int = 32, k: int = 8, good: int = 2, seed: int = 0) -> torch.Tensor:
@@ -43,7 +45,7 @@ def assert_on_simplex(w: torch.Tensor, k: int, batch: int | None = None) -> None
 
 
 def fit(method: str, deltas, **kwargs) -> torch.Tensor:
-    if method == "gradient":
+    if method in ("gradient", "hyre_gradient"):
         kwargs.setdefault("steps", 60)
     return FIT_METHODS[method](deltas, **kwargs)
 
@@ -69,7 +71,12 @@ def test_recovers_the_only_agreeing_expert(method, seed):
 
 
 def test_fit_methods_registry():
-    assert FIT_METHODS == {"hedge": fit_hedge, "hyre": fit_hyre, "gradient": fit_gradient}
+    assert FIT_METHODS == {
+        "hedge": fit_hedge,
+        "hyre": fit_hyre,
+        "gradient": fit_gradient,
+        "hyre_gradient": fit_hyre_gradient,
+    }
 
 
 def test_hedge_small_eta_returns_prior():
@@ -141,6 +148,89 @@ def test_gradient_works_under_inference_mode_and_no_grad():
         w_no_grad = fit_gradient(deltas, steps=30)
     torch.testing.assert_close(w_inference, reference)
     torch.testing.assert_close(w_no_grad, reference)
+
+
+def _rms_margin(deltas: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return (deltas.double() @ w.double()).pow(2).mean().sqrt()
+
+
+@pytest.mark.parametrize("steps", [0, 100])
+def test_hyre_gradient_averages_the_two_fits_on_a_common_scale(steps):
+    deltas = make_user_deltas(n=6, k=5, seed=3) * torch.tensor([1.0, 3.0, 0.2, 1.0, 5.0])
+    prior = random_simplex(5, seed=2)
+    w_hyre = fit_hyre(deltas, temperature=2.0, prior=prior)
+    w_gradient = fit_gradient(deltas, prior=prior, l2=0.5, steps=steps)
+    # the average of the two rewards, each divided by the root-mean-square of its margins over the shots
+    expected = w_hyre.double() / _rms_margin(deltas, w_hyre) + w_gradient.double() / _rms_margin(deltas, w_gradient)
+    expected = (expected / expected.sum()).float()
+    w = fit_hyre_gradient(deltas, prior=prior, temperature=2.0, l2=0.5, steps=steps)
+    assert_on_simplex(w, 5)
+    torch.testing.assert_close(w, expected, atol=1e-6, rtol=0)
+    # a convex combination of the two fits, strictly between them
+    share = (w - w_gradient).dot(w_hyre - w_gradient) / (w_hyre - w_gradient).pow(2).sum()
+    assert 0.0 < share < 1.0
+    torch.testing.assert_close(w, share * w_hyre + (1 - share) * w_gradient, atol=1e-6, rtol=0)
+
+
+def test_hyre_gradient_defaults_are_those_of_its_components():
+    deltas = make_user_deltas(n=5, k=4, seed=7)
+    w_hyre, w_gradient = fit_hyre(deltas), fit_gradient(deltas)
+    expected = w_hyre.double() / _rms_margin(deltas, w_hyre) + w_gradient.double() / _rms_margin(deltas, w_gradient)
+    torch.testing.assert_close(fit_hyre_gradient(deltas), (expected / expected.sum()).float(), atol=1e-6, rtol=0)
+
+
+def test_hyre_gradient_has_the_best_worst_case_over_kinds_of_users():
+    # A user equal to one expert (HyRe's model: it wins) and a user mixing three experts (the gradient fit wins): the
+    # ensemble lies between the two on each kind and is the best of the three on the worse served kind.
+    gen = torch.Generator().manual_seed(0)
+    k, n_shots, n_test = 6, 8, 2000
+    single = torch.zeros(k)
+    single[1] = 1.0
+    mixed = torch.zeros(k)
+    mixed[:3] = 1 / 3
+    worst = {"ensemble": 1.0, "hyre": 1.0, "gradient": 1.0}
+    for truth in (single, mixed):
+        accuracy = {name: 0.0 for name in worst}
+        for _ in range(10):
+            heads = torch.randn(n_shots + n_test, k, generator=gen)
+            labels = torch.sign(heads @ truth + 0.1 * torch.randn(n_shots + n_test, generator=gen))
+            deltas = heads * labels.unsqueeze(-1)  # the user's chosen response first
+            shots, test = deltas[:n_shots], deltas[n_shots:]
+            fits = {
+                "ensemble": fit_hyre_gradient(shots, l2=1.0),
+                "hyre": fit_hyre(shots),
+                "gradient": fit_gradient(shots, l2=1.0),
+            }
+            for name, weights in fits.items():
+                accuracy[name] += pairwise_accuracy(test, weights) / 10
+        low, high = sorted((accuracy["hyre"], accuracy["gradient"]))
+        assert low < accuracy["ensemble"] < high
+        worst = {name: min(worst[name], value) for name, value in accuracy.items()}
+    assert worst["ensemble"] > max(worst["hyre"], worst["gradient"]) + 0.01
+
+
+def test_hyre_gradient_is_static_only_and_validates_its_hyperparameters():
+    deltas = make_user_deltas(n=4, k=3)
+    with pytest.raises(ValueError, match="static weights"):
+        fit_hyre_gradient(deltas, routing=torch.full((4, 3), 1 / 3))
+    for value in (0.0, -1.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match="temperature"):
+            fit_hyre_gradient(deltas, temperature=value)
+        with pytest.raises(ValueError, match="lr"):
+            fit_hyre_gradient(deltas, lr=value)
+    with pytest.raises(ValueError, match="l2"):
+        fit_hyre_gradient(deltas, l2=-1.0)
+    with pytest.raises(ValueError, match="steps"):
+        fit_hyre_gradient(deltas, steps=-1)
+    with pytest.raises(TypeError, match="normalize"):
+        fit_hyre_gradient(deltas, normalize=1)
+
+
+def test_hyre_gradient_zero_margins_give_the_plain_average():
+    # Every expert indifferent on every shot: both fits stay at the prior and the scales are zero (no 0/0).
+    prior = random_simplex(4, seed=4)
+    w = fit_hyre_gradient(torch.zeros(3, 4), prior=prior)
+    torch.testing.assert_close(w, prior, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -219,7 +309,7 @@ def test_padding_values_do_not_matter(method):
     reference = fit(method, deltas_a, mask=mask)
     torch.testing.assert_close(fit(method, deltas_b, mask=mask), reference)
     torch.testing.assert_close(fit(method, deltas_c, mask=mask), reference)
-    if method != "hyre":
+    if method not in STATIC_ONLY:
         torch.testing.assert_close(
             fit(method, deltas_a, mask=mask, routing=g_a), fit(method, deltas_b, mask=mask, routing=g_b)
         )
@@ -270,13 +360,13 @@ def test_fuzz_weights_always_on_simplex(data, n, k, method):
         st.lists(st.floats(-1e4, 1e4, allow_nan=False, allow_infinity=False, width=32), min_size=n * k, max_size=n * k)
     )
     deltas = torch.tensor(values, dtype=torch.float32).reshape(n, k)
-    kwargs = {"steps": 15} if method == "gradient" else {}
+    kwargs = {"steps": 15} if method in ("gradient", "hyre_gradient") else {}
     if method == "hedge":
         kwargs["eta"] = data.draw(st.floats(1e-6, 1e300))
-    elif method == "hyre":
+    elif method in STATIC_ONLY:
         kwargs["temperature"] = data.draw(st.floats(1e-300, 1e300))
         kwargs["normalize"] = data.draw(st.booleans())
-    if method != "hyre" and data.draw(st.booleans()):
+    if method not in STATIC_ONLY and data.draw(st.booleans()):
         routing = torch.tensor(
             data.draw(st.lists(st.floats(0, 1, width=32), min_size=n * k, max_size=n * k)), dtype=torch.float32
         ).reshape(n, k)

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 import benchmarks.personalization as bench
 
@@ -53,3 +54,31 @@ def test_check_targets_and_gap_decomposition():
     gap = bench.gap_decomposition(result, [8])[8]
     assert gap == pytest.approx({"experts": 4.0, "fit": 4.0, "total": 8.0})
     assert bench.recipe_row() in bench.markdown_table({**result, "constant": {}}, [2, 8])
+
+
+def test_every_fit_spec_runs_through_the_product_api_and_matches_its_fitting_function():
+    from tiny import tiny_moe
+
+    from trl_moe_rm.fitting import FIT_METHODS
+    from trl_moe_rm.scoring import PairScores
+
+    assert bench.RECIPE["fit"] in bench.FIT_SPECS
+    assert bench.FIT_SPECS["hyre_gradient"] == ("hyre_gradient", {"l2": 1.0})
+    rng = np.random.default_rng(0)
+    num_experts, num_pairs = 5, 40
+    train_deltas = rng.normal(size=(num_pairs, num_experts))
+    rows_by_user = [np.arange(0, 20), np.arange(20, 40)]
+    users, shot_rows = np.array([0, 1, 1]), np.array([[0, 3, 7, 9], [1, 2, 5, 8], [0, 4, 6, 19]])
+    shots = torch.from_numpy(np.stack([rows_by_user[u][s] for u, s in zip(users, shot_rows)]))
+    model = tiny_moe("llama", num_experts=num_experts, top_k=2)
+    scores = PairScores.from_expert_rewards(
+        train_deltas, np.zeros_like(train_deltas), np.full_like(train_deltas, 1 / num_experts)
+    )
+    for name, (method, kwargs) in bench.FIT_SPECS.items():
+        steps = {"steps": 20} if method in ("gradient", "hyre_gradient") else {}
+        expected = FIT_METHODS[method](torch.from_numpy(train_deltas)[shots], **kwargs, **steps).double().numpy()
+        product = bench.moe_fitter(model, scores, rows_by_user, method, prior="uniform", **kwargs, **steps)
+        np.testing.assert_allclose(product(users, shot_rows), expected, atol=1e-6, err_msg=name)
+        if method != "hyre":  # drm_fitter sets HyRe's temperature itself
+            drm = bench.drm_fitter(train_deltas, rows_by_user, method=method, **kwargs, **steps)
+            np.testing.assert_allclose(drm(users, shot_rows), expected, atol=1e-6, err_msg=name)

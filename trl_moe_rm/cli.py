@@ -35,6 +35,8 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def _add_personalize(subparsers) -> None:
+    from .fitting import FIT_METHODS
+
     parser = _subcommand(
         subparsers,
         "personalize",
@@ -48,7 +50,7 @@ def _add_personalize(subparsers) -> None:
         help="The user's labelled pairs: a .jsonl/.json/.parquet/.csv file, folder or Hub dataset.",
     )  # fmt: skip
     parser.add_argument("--user_id", required=True, help="The user's id (an integer string is kept as a string).")
-    parser.add_argument("--method", default="hedge", choices=["hedge", "hyre", "gradient"], help="Fitting method.")
+    parser.add_argument("--method", default="hedge", choices=list(FIT_METHODS), help="Fitting method.")
     parser.add_argument("--mode", default="static", choices=["static", "routed"], help="How the weights are used.")
     parser.add_argument(
         "--output_dir", "--store", dest="store", default=None, help="ProfileStore directory to save the profile into."

@@ -35,6 +35,7 @@ __all__ = [
     "fit_gradient",
     "fit_hedge",
     "fit_hyre",
+    "fit_hyre_gradient",
     "mixture_scores",
     "pairwise_accuracy",
     "routed_weights",
@@ -506,6 +507,90 @@ def fit_gradient(
     return _finalize(log_w, batched, _device_of(deltas))
 
 
+def fit_hyre_gradient(
+    deltas: TensorLike,
+    prior: TensorLike | None = None,
+    temperature: float = 1.0,
+    normalize: bool = True,
+    l2: float = 0.1,
+    lr: float = 0.1,
+    steps: int = 100,
+    mask: torch.Tensor | None = None,
+    routing: TensorLike | None = None,
+    beta: float = 1.0,
+) -> torch.Tensor:
+    """
+    Fits user weights with an ensemble of HyRe ([`fit_hyre`]) and the gradient fit ([`fit_gradient`]).
+
+    Both fits are run on the same shots and their reward margins are averaged after putting each on a common scale: the
+    user's reward is `r_u = (r_hyre / s_hyre + r_gradient / s_gradient) / 2`, where `s` is the root-mean-square of a
+    fit's reward differences `sum_k w_k deltas[i, k]` over the user's (unmasked) shots. Since both fits act on the same
+    expert rewards, this is again a convex combination of the experts:
+
+        w = a * w_hyre + (1 - a) * w_gradient,    a = s_gradient / (s_hyre + s_gradient)
+
+    (equal weights when both scales are zero; each scale is floored at `1e-6` times the larger one). HyRe is a posterior
+    over *which single expert* is the user's reward and excels when one expert fits the user; the gradient fit
+    optimises a *mixture* of experts and excels for users who mix several. Their errors differ, and the common scale
+    keeps the fit with larger margins from dominating the average. Everything uses only the user's own shots.
+
+    The defaults of each fit are those of [`fit_hyre`] and [`fit_gradient`]. Experts with zero prior weight keep zero
+    weight. Only static weights are fitted (HyRe has no routed mode): passing `routing` raises a `ValueError`.
+
+    Args:
+        deltas (`torch.Tensor` of shape `(n, K)` or `(U, n, K)`):
+            Per-expert reward differences `r_k(chosen) - r_k(rejected)` of the user's labelled pairs.
+        prior (`torch.Tensor` of shape `(K,)` or `(U, K)`, *optional*):
+            Prior weights on the simplex, used by both fits. Uniform if `None`.
+        temperature (`float`, *optional*, defaults to `1.0`):
+            Softmax temperature of HyRe.
+        normalize (`bool`, *optional*, defaults to `True`):
+            Whether HyRe scales each expert's deltas by their standard deviation over the shots.
+        l2 (`float`, *optional*, defaults to `0.1`):
+            Strength of the gradient fit's `||w - prior||^2` penalty (the few-shot benchmark's hidden-context recipe
+            uses `l2=1.0`).
+        lr (`float`, *optional*, defaults to `0.1`):
+            Adam learning rate of the gradient fit.
+        steps (`int`, *optional*, defaults to `100`):
+            Number of Adam steps of the gradient fit.
+        mask (`torch.Tensor` of shape `(n,)` or `(U, n)`, *optional*):
+            Boolean mask of the real shots; `False` entries (padding) are ignored.
+        routing (`torch.Tensor`, *optional*):
+            Not supported (static weights only); accepted so that a routed call fails with a clear message.
+        beta (`float`, *optional*, defaults to `1.0`):
+            Not used (static weights only).
+
+    Returns:
+        `torch.Tensor`: float32 weights of shape `(K,)` (or `(U, K)`) on the simplex.
+
+    Raises:
+        ValueError: on zero shots, NaN/Inf deltas, a bad prior, mismatched shapes, `routing` given, or an invalid
+            hyperparameter of either fit (`temperature <= 0`, `l2 < 0`, `lr <= 0`, `steps < 0`).
+    """
+    if routing is not None:
+        raise ValueError(
+            "`fit_hyre_gradient` fits static weights (HyRe has no routed mode); use `mode='static'`, or "
+            "'hedge'/'gradient' for routed weights."
+        )
+    w_hyre = fit_hyre(deltas, temperature=temperature, normalize=normalize, prior=prior, mask=mask)
+    w_gradient = fit_gradient(deltas, prior=prior, l2=l2, lr=lr, steps=steps, mask=mask)
+    d, m, batched = _prepare_deltas(deltas, mask)
+    num_users, _, k = d.shape
+    weights = torch.stack([w_hyre, w_gradient]).cpu().to(torch.float64).reshape(2, num_users, k)
+    mf = m.to(d.dtype)  # (U, n)
+    margins = torch.einsum("unk,fuk->fun", d, weights) * mf  # (2, U, n): each fit's reward differences on the shots
+    margins = torch.nan_to_num(margins, nan=0.0, posinf=torch.finfo(d.dtype).max, neginf=-torch.finfo(d.dtype).max)
+    # root-mean-square over the shots, computed on margins divided by their largest magnitude so squares cannot overflow
+    peak = margins.abs().amax(dim=-1)  # (2, U)
+    ratio = margins / torch.where(peak > 0, peak, 1.0).unsqueeze(-1)
+    scales = peak * ratio.pow(2).sum(dim=-1).div(mf.sum(dim=-1)).sqrt()  # (2, U)
+    scales = torch.maximum(scales, _NORM_EPS * scales.amax(dim=0, keepdim=True))
+    total = scales.sum(dim=0)
+    share_hyre = torch.where(total > 0, scales[1] / torch.where(total > 0, total, 1.0), 0.5)  # (U,)
+    combined = share_hyre.unsqueeze(-1) * weights[0] + (1 - share_hyre.unsqueeze(-1)) * weights[1]
+    return _finalize(torch.log(combined), batched, _device_of(deltas))
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Using fitted weights
 # ----------------------------------------------------------------------------------------------------------------------
@@ -627,4 +712,5 @@ FIT_METHODS: dict[str, Callable[..., torch.Tensor]] = {
     "hedge": fit_hedge,
     "hyre": fit_hyre,
     "gradient": fit_gradient,
+    "hyre_gradient": fit_hyre_gradient,
 }

@@ -99,10 +99,10 @@ def _fit(method: str, deltas: torch.Tensor, prior: torch.Tensor, mask, routing, 
         raise ValueError(f"`method` must be one of {sorted(FIT_METHODS)}, got {method!r}.")
     if mode not in ("static", "routed"):
         raise ValueError(f"`mode` must be 'static' or 'routed', got {mode!r}.")
-    if method == "hyre":
+    if method in ("hyre", "hyre_gradient"):
         if mode == "routed":
             raise ValueError(
-                "`method='hyre'` fits static weights; use `mode='static'`, or 'hedge'/'gradient' for routed."
+                f"`method={method!r}` fits static weights; use `mode='static'`, or 'hedge'/'gradient' for routed."
             )
         return FIT_METHODS[method](deltas, prior=prior, mask=mask, **kwargs)
     extra = {"routing": routing, "beta": beta} if mode == "routed" else {}
@@ -134,8 +134,10 @@ def fit_user_weights(
             The user's labelled pairs: `prompt`, `chosen`, `rejected`.
         method (`str`, *optional*, defaults to `"hedge"`):
             `"hedge"` (multiplicative weights, `eta`), `"hyre"` (softmax of minus the summed per-expert
-            Bradley-Terry losses over `temperature`, on z-normalised scores), or `"gradient"` (softmax-parameterised
-            weights fitted by Adam with an L2 pull toward the prior: `l2`, `lr`, `steps`).
+            Bradley-Terry losses over `temperature`, on z-normalised scores), `"gradient"` (softmax-parameterised
+            weights fitted by Adam with an L2 pull toward the prior: `l2`, `lr`, `steps`), or `"hyre_gradient"` (the
+            average of the HyRe and gradient fits on a common scale, static only; with `l2=1.0` the fit of the
+            `hidden_context` preset).
         user_id (`str` or `int`, *optional*, defaults to `"user"`):
             Who the profile belongs to.
         tokenizer ([`~transformers.PreTrainedTokenizerBase`], *optional*):

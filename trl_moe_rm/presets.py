@@ -9,7 +9,7 @@ another regime:
   directions): 32 experts, the EM-style `loss_type="assignment"`, the experts initialised half at the signed principal
   directions of the pairs' standardised feature differences and half at response clusters
   (`expert_init="pca_clusters"`), and no router balance, sparsity or diversity term. Adapt each user afterwards with
-  `fit_users(model, pairs, method="gradient", l2=1.0, prior="uniform")` (the fit this preset was measured with).
+  `fit_users(model, pairs, method="hyre_gradient", l2=1.0, prior="uniform")` (the fit this preset was measured with).
 
 Select one from Python (`MoERewardConfig(output_dir=..., preset="hidden_context")`), from a `trl-moe-rm train --config`
 YAML file (`preset: hidden_context`) or from the command line (`trl-moe-rm train --preset hidden_context ...`). A
