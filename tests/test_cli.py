@@ -30,16 +30,17 @@ PAIRS = [
 ]
 
 
-def test_personalize_prints_weights_and_saves_profile(model_dir, tmp_path, capsys):
+@pytest.mark.parametrize("method", ["hyre", "hyre_gradient"])
+def test_personalize_prints_weights_and_saves_profile(model_dir, tmp_path, capsys, method):
     pairs = _write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
     code = main(["personalize", "--model", str(model_dir), "--pairs", str(pairs), "--user_id", "alice",
-                 "--method", "hyre", "--store", str(tmp_path / "store"), "--test", str(pairs)])
+                 "--method", method, "--store", str(tmp_path / "store"), "--test", str(pairs)])
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     assert result["user_id"] == "alice" and len(result["user_weights"]) == 4
     assert sum(result["shift"]) == pytest.approx(0.0, abs=1e-5)
     assert 0.0 <= result["test_accuracy_personalized"] <= 1.0
-    assert ProfileStore(tmp_path / "store").load("alice").method == "hyre"
+    assert ProfileStore(tmp_path / "store").load("alice").method == method
 
 
 def test_score_jsonl_for_users_with_fallback(model_dir, tmp_path, capsys):
