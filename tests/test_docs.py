@@ -266,3 +266,55 @@ def test_readme_blocks_run(tmp_path, monkeypatch):
     tokenizer.save_pretrained(tmp_path / "Qwen2.5-0.5B-MoE-Reward")
     ran = run_page(README, tmp_path)
     assert any("score(" in block.code for block in ran) and any("fit_user_weights" in block.code for block in ran)
+
+
+def shell_command_lines(text: str, program: str) -> list[str]:
+    """The `program ...` lines of a Markdown text's shell blocks, backslash continuations joined."""
+    lines, fence, pending = [], None, ""
+    for line in text.splitlines():
+        match = FENCE.match(line)
+        if fence is None:
+            if match:
+                fence = match["ticks"] if match["info"] in ("bash", "sh", "shell", "console") else "skip:" + match["ticks"]
+            continue
+        if line.strip().startswith(fence.removeprefix("skip:")):
+            fence, pending = None, ""
+            continue
+        if fence.startswith("skip:"):
+            continue
+        pending += line.rstrip().removesuffix("\\") + " "
+        if not line.rstrip().endswith("\\"):
+            if pending.strip().startswith(program + " "):
+                lines.append(" ".join(pending.split()))
+            pending = ""
+    return lines
+
+
+def test_every_documented_command_line_parses():
+    """Each `trl-moe-rm <command> ...` line of the README and the docs uses options the command has (but `train`)."""
+    import shlex
+
+    from trl_moe_rm.cli import build_parser
+
+    parser, _ = build_parser()
+    checked = 0
+    for page in [README, *PAGES]:
+        for line in shell_command_lines(page.read_text(encoding="utf-8"), "trl-moe-rm"):
+            argv = [arg for arg in shlex.split(line, comments=True)[1:] if arg != "&"]
+            if argv[0] == "train" or "--help" in argv:
+                continue
+            try:
+                parser.parse_args(argv)
+            except SystemExit as error:
+                pytest.fail(f"{page.name}: `{line}` does not parse (exit {error.code})")
+            checked += 1
+    assert checked >= 10
+
+
+def test_shell_command_lines_joins_continuations():
+    text = "```bash\ntrl-moe-rm score --a 1 \\\n    --b 2  # note\necho hi\n```\n```python\ntrl-moe-rm x\n```\n"
+    assert shell_command_lines(text, "trl-moe-rm") == ["trl-moe-rm score --a 1 --b 2 # note"]
+    from trl_moe_rm.cli import build_parser
+
+    with pytest.raises(SystemExit):  # what the test above catches: an option the command does not have
+        build_parser()[0].parse_args(["score", "--model_name_or_path", "m", "--dataset_name", "d", "--output_file", "o", "--nope"])

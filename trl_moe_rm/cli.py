@@ -517,10 +517,8 @@ def _train(argv: list[str]) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["train"]:
-        return _train(argv[1:])
+def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
+    """The `trl-moe-rm` parser and its subcommands (`train` has its own parser: `trl_moe_rm.scripts.train`)."""
     parser = argparse.ArgumentParser(prog="trl-moe-rm", description="Sparse Mixture-of-Experts reward models for TRL.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     subparsers.add_parser(
@@ -534,6 +532,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             subparser.add_argument(
                 "--config", default=None, help="YAML file of this command's options (flags given too win)."
             )
+    return parser, subparsers
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:
+        return _train(argv[1:])
+    parser, subparsers = build_parser()
     # `--debug` (anywhere on the line) shows the full traceback of an error instead of its one-line message.
     debug = "--debug" in argv
     argv = [arg for arg in argv if arg != "--debug"]
