@@ -30,17 +30,35 @@ PAIRS = [
 ]
 
 
-@pytest.mark.parametrize("method", ["hyre", "hyre_gradient"])
-def test_personalize_prints_weights_and_saves_profile(model_dir, tmp_path, capsys, method):
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [("hyre", []), ("hyre_gradient", ["--l2", "1.0", "--prior", "uniform"])],  # the second: the preset's fit
+)
+def test_personalize_prints_weights_and_saves_profile(model_dir, tmp_path, capsys, method, options):
     pairs = _write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
     code = main(["personalize", "--model", str(model_dir), "--pairs", str(pairs), "--user_id", "alice",
-                 "--method", method, "--store", str(tmp_path / "store"), "--test", str(pairs)])
+                 "--method", method, *options, "--store", str(tmp_path / "store"), "--test", str(pairs)])
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     assert result["user_id"] == "alice" and len(result["user_weights"]) == 4
     assert sum(result["shift"]) == pytest.approx(0.0, abs=1e-5)
     assert 0.0 <= result["test_accuracy_personalized"] <= 1.0
     assert ProfileStore(tmp_path / "store").load("alice").method == method
+
+
+def test_personalize_l2_and_prior_reach_the_fit(model_dir, tmp_path, capsys):
+    pairs = _write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    flags = ["personalize", "--model_name_or_path", str(model_dir), "--dataset_name", str(pairs), "--user_id", "a"]
+    weights = {}
+    for l2 in ("0.0", "100"):
+        assert main([*flags, "--method", "gradient", "--prior", "uniform", "--l2", l2]) == 0
+        weights[l2] = json.loads(capsys.readouterr().out)["user_weights"]
+    assert weights["100"] == pytest.approx([0.25] * 4, abs=0.02)  # a strong pull keeps the uniform prior
+    assert max(abs(w - 0.25) for w in weights["0.0"]) > 0.05
+    with pytest.raises(SystemExit) as stopped:
+        main([*flags, "--method", "hedge", "--l2", "1.0"])
+    assert stopped.value.code == 2
+    assert "--l2 applies to --method gradient or hyre_gradient, not 'hedge'" in capsys.readouterr().err
 
 
 def test_score_jsonl_for_users_with_fallback(model_dir, tmp_path, capsys):

@@ -36,6 +36,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 def _add_personalize(subparsers) -> None:
     from .fitting import FIT_METHODS
+    from .personalization import PRIORS
 
     parser = _subcommand(
         subparsers,
@@ -52,6 +53,15 @@ def _add_personalize(subparsers) -> None:
     parser.add_argument("--user_id", required=True, help="The user's id (an integer string is kept as a string).")
     parser.add_argument("--method", default="hedge", choices=list(FIT_METHODS), help="Fitting method.")
     parser.add_argument("--mode", default="static", choices=["static", "routed"], help="How the weights are used.")
+    parser.add_argument(
+        "--prior", default=None, choices=list(PRIORS),
+        help="Starting point of the fit (default: 'routing' in static mode, 'uniform' in routed mode).",
+    )  # fmt: skip
+    parser.add_argument(
+        "--l2", type=float, default=None,
+        help="L2 pull toward the prior of the 'gradient' and 'hyre_gradient' fits (default: the method's, 0.1). "
+        "The hidden_context preset's fit: --method hyre_gradient --l2 1.0 --prior uniform.",
+    )  # fmt: skip
     parser.add_argument(
         "--output_dir", "--store", dest="store", default=None, help="ProfileStore directory to save the profile into."
     )
@@ -94,11 +104,19 @@ def _run_personalize(args: argparse.Namespace) -> int:
     from .profiles import ProfileStore
     from .scoring import score_pairs
 
+    method_kwargs = {}
+    if args.l2 is not None:
+        if args.method not in ("gradient", "hyre_gradient"):
+            raise ValueError(f"--l2 applies to --method gradient or hyre_gradient, not {args.method!r}.")
+        method_kwargs["l2"] = args.l2
     store = ProfileStore(args.store) if args.store else None  # fails early on an unwritable path
     model, tokenizer = _load_model_and_tokenizer(args.model)
     pairs = _read_pairs(args.pairs)
     scores = expert_pair_scores(model, pairs, tokenizer)
-    profile = fit_user_weights(model, pairs, method=args.method, user_id=args.user_id, mode=args.mode, scores=scores)
+    profile = fit_user_weights(
+        model, pairs, method=args.method, user_id=args.user_id, mode=args.mode, prior=args.prior, scores=scores,
+        **method_kwargs,
+    )  # fmt: skip
     shift = weight_shift(profile, default_weights=scores.routing_weights.mean(axis=0))
     result = {"user_id": profile.user_id, "method": profile.method, "num_shots": profile.num_shots, **shift}
     if args.test:
