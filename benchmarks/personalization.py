@@ -56,6 +56,7 @@ from safetensors.torch import load_file, save_file
 from benchmarks.baselines import DecomposedRewardHeads, cross_validated_l2, fit_bradley_terry_head
 from benchmarks.stats import mean_ci
 from trl_moe_rm.accuracy import pairwise_outcomes
+from trl_moe_rm.presets import preset_values
 from trl_moe_rm.processing import RowEncoder, pad_batch
 from trl_moe_rm.processing import pad_token_id as tokenizer_pad_token_id
 from trl_moe_rm.scoring import PairScores, scores_from_features
@@ -593,33 +594,13 @@ MOE_VARIANTS: dict[str, dict[str, Any]] = {
         "sparsity_coef": 0.001,
         "expert_init": "pca",
     },
-    # The recommended hidden-context recipe: 32 experts, half signed principal directions of the standardised
-    # differences, half response-cluster heads, refined by the assignment loss (its own K, whatever --num_experts).
-    "hidden_context": {
-        "num_experts": 32,
-        "top_k": 2,
-        "loss_type": "assignment",
-        "assignment_temperature": 0.5,
-        "balance_coef": 0.0,
-        "expert_init": "pca_clusters",
-    },
+    # The recommended hidden-context recipe, exactly `preset="hidden_context"`: 32 experts, half signed principal
+    # directions of the standardised differences, half response-cluster heads, refined by the assignment loss (its own
+    # K, whatever --num_experts).
+    "hidden_context": preset_values("hidden_context"),
     # Ablations of the recipe: only signed principal directions (no cluster heads), and 8 experts instead of 32.
-    "hidden_context_pca_only": {
-        "num_experts": 32,
-        "top_k": 2,
-        "loss_type": "assignment",
-        "assignment_temperature": 0.5,
-        "balance_coef": 0.0,
-        "expert_init": "pca",
-    },
-    "hidden_context_k8": {
-        "num_experts": 8,
-        "top_k": 2,
-        "loss_type": "assignment",
-        "assignment_temperature": 0.5,
-        "balance_coef": 0.0,
-        "expert_init": "pca_clusters",
-    },
+    "hidden_context_pca_only": {**preset_values("hidden_context"), "expert_init": "pca"},
+    "hidden_context_k8": {**preset_values("hidden_context"), "num_experts": 8},
 }
 
 

@@ -100,14 +100,18 @@ def _read_pairs(path: str):
 
 
 def _run_personalize(args: argparse.Namespace) -> int:
+    import inspect
+
+    from .fitting import FIT_METHODS
     from .personalization import expert_pair_scores, fit_user_weights, weight_shift
     from .profiles import ProfileStore
     from .scoring import score_pairs
 
     method_kwargs = {}
     if args.l2 is not None:
-        if args.method not in ("gradient", "hyre_gradient"):
-            raise ValueError(f"--l2 applies to --method gradient or hyre_gradient, not {args.method!r}.")
+        with_l2 = [name for name, fit in FIT_METHODS.items() if "l2" in inspect.signature(fit).parameters]
+        if args.method not in with_l2:
+            raise ValueError(f"--l2 applies to --method {' or '.join(with_l2)}, not {args.method!r}.")
         method_kwargs["l2"] = args.l2
     store = ProfileStore(args.store) if args.store else None  # fails early on an unwritable path
     model, tokenizer = _load_model_and_tokenizer(args.model)

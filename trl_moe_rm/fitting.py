@@ -32,6 +32,7 @@ from .modeling_moe_reward import log_routing, mix_log_weights, softmax_rows, use
 
 __all__ = [
     "FIT_METHODS",
+    "STATIC_ONLY_METHODS",
     "fit_gradient",
     "fit_hedge",
     "fit_hyre",
@@ -714,3 +715,6 @@ FIT_METHODS: dict[str, Callable[..., torch.Tensor]] = {
     "gradient": fit_gradient,
     "hyre_gradient": fit_hyre_gradient,
 }
+
+STATIC_ONLY_METHODS: frozenset[str] = frozenset({"hyre", "hyre_gradient"})
+"""The methods of [`FIT_METHODS`] that fit static weights only (no routed mode)."""

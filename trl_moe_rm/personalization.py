@@ -14,7 +14,7 @@ import torch
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from .fitting import FIT_METHODS, routed_weights
+from .fitting import FIT_METHODS, STATIC_ONLY_METHODS, routed_weights
 from .processing import load_tokenizer
 from .profiles import ProfileStore, UnknownUserError, UserProfile, config_fingerprint, lookup_profile
 from .scoring import PairScores, check_finite, model_dtype, score_pairs
@@ -99,7 +99,7 @@ def _fit(method: str, deltas: torch.Tensor, prior: torch.Tensor, mask, routing, 
         raise ValueError(f"`method` must be one of {sorted(FIT_METHODS)}, got {method!r}.")
     if mode not in ("static", "routed"):
         raise ValueError(f"`mode` must be 'static' or 'routed', got {mode!r}.")
-    if method in ("hyre", "hyre_gradient"):
+    if method in STATIC_ONLY_METHODS:
         if mode == "routed":
             raise ValueError(
                 f"`method={method!r}` fits static weights; use `mode='static'`, or 'hedge'/'gradient' for routed."
